@@ -1,0 +1,1 @@
+"""Shard schema, readers/writers, bundled + synthetic datasets and view recipes."""

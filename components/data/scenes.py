@@ -1,0 +1,125 @@
+"""The embedded default dataset: deterministic synthetic "scenes".
+
+Each image is a textured background with one large shape (its class) and up to two small
+distractor shapes, every shape with a random colour, size and position. Every row carries a
+caption naming each shape's size, colour, kind and position (so captions can only be completed
+from the image) and one pixel box per shape. Row ``i`` of a split depends only on
+``(seed, split, i)``: the same settings always write the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image
+
+SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 80, 230),
+    "yellow": (235, 215, 40),
+    "purple": (150, 60, 200),
+    "orange": (245, 140, 30),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+TEXTURES = ("stripes", "checker", "noise", "gradient")
+_SPLIT_SALT = {"train": 1, "val": 2, "test": 3}
+
+
+def _position_word(cx: float, cy: float, size: int) -> str:
+    col = ("left", "center", "right")[min(2, int(3 * cx / size))]
+    row = ("top", "middle", "bottom")[min(2, int(3 * cy / size))]
+    if row == "middle" and col == "center":
+        return "in the center"
+    if row == "middle":
+        return f"on the {col}"
+    if col == "center":
+        return f"at the {row}"
+    return f"at the {row} {col}"
+
+
+def _shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
+    dx, dy = xx - cx, yy - cy
+    if kind == "circle":
+        return dx**2 + dy**2 <= r**2
+    if kind == "ring":
+        d2 = dx**2 + dy**2
+        return (d2 <= r**2) & (d2 >= (0.55 * r) ** 2)
+    if kind == "square":
+        return (np.abs(dx) <= 0.85 * r) & (np.abs(dy) <= 0.85 * r)
+    if kind == "diamond":
+        return np.abs(dx) + np.abs(dy) <= 1.1 * r
+    if kind == "cross":
+        w = 0.35 * r
+        return ((np.abs(dx) <= w) & (np.abs(dy) <= r)) | ((np.abs(dy) <= w) & (np.abs(dx) <= r))
+    if kind == "triangle":
+        # Upward triangle: below the two slanted edges and above the base.
+        return (dy <= 0.8 * r) & (dy >= -r + 2 * np.abs(dx))
+    raise ValueError(kind)
+
+
+def _background(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray) -> tuple[np.ndarray, str]:
+    texture = TEXTURES[rng.integers(len(TEXTURES))]
+    # Backgrounds are deliberately low-contrast: the shape, not the texture, is what two crops
+    # of one scene share most, so a self-supervised encoder is pushed towards shape.
+    c1 = rng.integers(70, 190, size=3).astype(np.float32)
+    c2 = np.clip(c1 + rng.normal(0, 18, size=3), 0, 255).astype(np.float32)
+    if texture == "stripes":
+        period = rng.uniform(4, 12)
+        angle = rng.uniform(0, np.pi)
+        t = (np.cos(angle) * xx + np.sin(angle) * yy) / period
+        w = (np.sin(2 * np.pi * t) > 0).astype(np.float32)
+    elif texture == "checker":
+        cell = int(rng.integers(4, 12))
+        w = (((xx // cell) + (yy // cell)) % 2).astype(np.float32)
+    elif texture == "noise":
+        coarse = rng.random((size // 8 + 1, size // 8 + 1)).astype(np.float32)
+        w = np.kron(coarse, np.ones((8, 8), np.float32))[:size, :size]
+    else:
+        angle = rng.uniform(0, 2 * np.pi)
+        w = (np.cos(angle) * xx + np.sin(angle) * yy) / size
+        w = (w - w.min()) / max(1e-6, np.ptp(w))
+    img = c1 * (1 - w[..., None]) + c2 * w[..., None]
+    img += rng.normal(0, 6, size=img.shape)
+    return img, texture
+
+
+def render_scene(seed: int, split: str, index: int, size: int = 64) -> dict[str, Any]:
+    """Render one scene; returns a shard row (PNG bytes, label, caption, boxes) plus its parts."""
+    rng = np.random.default_rng([seed, _SPLIT_SALT[split], index])
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    img, texture = _background(rng, size, yy, xx)
+    label = int(rng.integers(len(SHAPES)))
+    objects = [(SHAPES[label], rng.uniform(0.22, 0.34) * size, "large")]
+    for _ in range(int(rng.integers(0, 3))):
+        objects.append((SHAPES[rng.integers(len(SHAPES))], rng.uniform(0.06, 0.09) * size, "small"))
+    boxes, phrases = [], []
+    for kind, r, size_word in objects:
+        cx, cy = rng.uniform(r + 1, size - r - 1, size=2)
+        colour = list(COLOURS)[rng.integers(len(COLOURS))]
+        mask = _shape_mask(kind, yy, xx, cx, cy, r)
+        img[mask] = np.asarray(COLOURS[colour], np.float32) + rng.normal(0, 4, size=(int(mask.sum()), 3))
+        ys, xs = np.nonzero(mask)
+        boxes.append([float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)])
+        phrases.append(f"a {size_word} {colour} {kind} {_position_word(cx, cy, size)}")
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="PNG")
+    caption = " and ".join(phrases) + f" on a {texture} background"
+    return {
+        "id": f"scenes-{split}-{index:06d}",
+        "image": buf.getvalue(),
+        "label": label,
+        "captions": [caption],
+        "boxes": boxes,
+        "source": f"scenes(seed={seed})",
+    }
+
+
+def scene_rows(seed: int, split: str, count: int, size: int = 64) -> Iterator[dict[str, Any]]:
+    """Yield ``count`` deterministic scene rows of one split."""
+    for i in range(count):
+        yield render_scene(seed, split, i, size)

@@ -1,0 +1,201 @@
+"""View recipes and their batched execution: what each sample must become for a method.
+
+A method declares a :class:`ViewRecipe` (e.g. two 32-px crops with colour jitter; 2 global +
+6 local crops); the data side executes it here without knowing which method asked. Every
+random parameter is drawn per sample, and the work is batched tensor ops (RoIAlign does crop +
+resize of the whole batch in one call), so the same code runs in a Ray Data CPU task or on a
+training GPU.
+
+Differences from torchvision's per-image transforms, kept on purpose for batching: the colour
+jitter order is fixed (brightness, contrast, saturation, hue) instead of shuffled per image, hue
+is a rotation in YIQ space (a linear approximation of the HSV hue shift), and an out-of-range
+crop is clamped instead of retried.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One augmented view: crop, flip, colour, blur and solarize settings (SimCLR's defaults)."""
+
+    size: int = 32
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    gray_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """The views every sample becomes, keyed ``view_0``, ``view_1``, ... in order."""
+
+    views: tuple[ViewSpec, ...] = field(default_factory=lambda: (ViewSpec(), ViewSpec()))
+
+    def to_dict(self) -> dict:
+        """A JSON-able description (for configs, cache keys and MLflow params)."""
+        return {"views": [asdict(v) for v in self.views]}
+
+    @property
+    def keys(self) -> list[str]:
+        """Batch keys of the views, in order."""
+        return [f"view_{i}" for i in range(len(self.views))]
+
+
+def two_crop_views(size: int = 32, **overrides) -> ViewRecipe:
+    """SimCLR's recipe: two views drawn from the same distribution."""
+    spec = ViewSpec(size=size, **overrides)
+    return ViewRecipe(views=(spec, spec))
+
+
+def make_views(images: torch.Tensor, recipe: ViewRecipe, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Execute a recipe on a batch of uint8 images (N, H, W, 3) or (N, 3, H, W).
+
+    Returns ``{"view_i": uint8 tensor (N, 3, size_i, size_i)}`` on the images' device.
+    """
+    x = images.permute(0, 3, 1, 2) if images.shape[-1] == 3 else images
+    x = x.float()
+    return {key: augment(x, spec, generator) for key, spec in zip(recipe.keys, recipe.views)}
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(n, generator=g) * (hi - lo) + lo
+
+
+def _bernoulli(n: int, p: float, g: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(n, generator=g) < p
+
+
+def crop_boxes(n: int, h: int, w: int, spec: ViewSpec, g: torch.Generator | None) -> torch.Tensor:
+    """Random-resized-crop boxes ``(n, 4)`` as ``x0, y0, x1, y1`` in pixels."""
+    area = _uniform(n, *spec.scale, g) * h * w
+    log_r = _uniform(n, math.log(spec.ratio[0]), math.log(spec.ratio[1]), g)
+    ratio = torch.exp(log_r)
+    cw = torch.sqrt(area * ratio).clamp(1, w)
+    ch = torch.sqrt(area / ratio).clamp(1, h)
+    x0 = torch.rand(n, generator=g) * (w - cw)
+    y0 = torch.rand(n, generator=g) * (h - ch)
+    return torch.stack([x0, y0, x0 + cw, y0 + ch], dim=1)
+
+
+def augment(x: torch.Tensor, spec: ViewSpec, g: torch.Generator | None = None) -> torch.Tensor:
+    """One view of a float batch (N, 3, H, W) in [0, 255]; returns uint8 (N, 3, size, size)."""
+    n, _, h, w = x.shape
+    dev = x.device
+    boxes = crop_boxes(n, h, w, spec, g)
+    # sampling_ratio=0 is adaptive: one sample per output pixel at 1:1 (exact), ceil(crop/out)
+    # samples per pixel when shrinking (anti-aliasing, like a box filter).
+    rois = torch.cat([torch.arange(n, dtype=torch.float32)[:, None], boxes], dim=1).to(dev)
+    v = roi_align(x, rois, output_size=(spec.size, spec.size), spatial_scale=1.0, sampling_ratio=0, aligned=True)
+
+    flip = _bernoulli(n, spec.flip_p, g).to(dev)
+    v = torch.where(flip[:, None, None, None], v.flip(3), v)
+
+    jit = _bernoulli(n, spec.jitter_p, g)
+    if jit.any():
+        v = _colour_jitter(v, jit, spec, g)
+    gray = _bernoulli(n, spec.gray_p, g).to(dev)
+    if gray.any():
+        v = torch.where(gray[:, None, None, None], _gray(v).expand_as(v), v)
+    blur = _bernoulli(n, spec.blur_p, g)
+    if blur.any():
+        sigma = _uniform(n, *spec.blur_sigma, g)
+        v = gaussian_blur(v, torch.where(blur, sigma, torch.zeros_like(sigma)).to(dev))
+    sol = _bernoulli(n, spec.solarize_p, g).to(dev)
+    if sol.any():
+        v = torch.where(sol[:, None, None, None] & (v >= 128), 255.0 - v, v)
+    return v.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _gray(v: torch.Tensor) -> torch.Tensor:
+    return (0.299 * v[:, 0:1] + 0.587 * v[:, 1:2] + 0.114 * v[:, 2:3])
+
+
+def _colour_jitter(v: torch.Tensor, on: torch.Tensor, spec: ViewSpec, g: torch.Generator | None) -> torch.Tensor:
+    n, dev = v.shape[0], v.device
+
+    def factor(strength: float) -> torch.Tensor:
+        f = _uniform(n, max(0.0, 1 - strength), 1 + strength, g)
+        return torch.where(on, f, torch.ones_like(f)).to(dev)[:, None, None, None]
+
+    b, c, s = factor(spec.brightness), factor(spec.contrast), factor(spec.saturation)
+    hue = torch.where(on, _uniform(n, -spec.hue, spec.hue, g), torch.zeros(n)).to(dev)
+    v = (v * b).clamp(0, 255)
+    mean = _gray(v).mean(dim=(1, 2, 3), keepdim=True)
+    v = ((v - mean) * c + mean).clamp(0, 255)
+    gray = _gray(v)
+    v = ((v - gray) * s + gray).clamp(0, 255)
+    if spec.hue > 0:
+        v = _rotate_hue(v, hue).clamp(0, 255)
+    return v
+
+
+_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def _rotate_hue(v: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
+    """Rotate chroma in YIQ space by ``hue`` turns (per sample)."""
+    m = _RGB2YIQ.to(v.device, v.dtype)
+    minv = torch.linalg.inv(m)
+    theta = hue.to(v.dtype) * 2 * math.pi
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    rot = torch.zeros(v.shape[0], 3, 3, device=v.device, dtype=v.dtype)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
+    full = minv @ rot @ m  # (n, 3, 3)
+    return torch.einsum("nij,njhw->nihw", full, v)
+
+
+def gaussian_blur(v: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur with a per-sample sigma (0 leaves a sample unchanged)."""
+    n, ch, h, w = v.shape
+    k = max(3, (int(0.1 * min(h, w)) // 2) * 2 + 1)
+    r = k // 2
+    t = torch.arange(-r, r + 1, device=v.device, dtype=v.dtype)
+    s = sigma.to(v.dtype).clamp_min(1e-3)[:, None]
+    kern = torch.exp(-(t[None] ** 2) / (2 * s**2))
+    kern = kern / kern.sum(dim=1, keepdim=True)
+    kern = torch.where(sigma[:, None] > 0, kern, (t[None] == 0).to(v.dtype))
+    weight = kern.repeat_interleave(ch, dim=0)  # (n*ch, k)
+    flat = v.reshape(1, n * ch, h, w)
+    flat = F.conv2d(F.pad(flat, (r, r, 0, 0), mode="reflect"), weight[:, None, None, :], groups=n * ch)
+    flat = F.conv2d(F.pad(flat, (0, 0, r, r), mode="reflect"), weight[:, None, :, None], groups=n * ch)
+    return flat.reshape(n, ch, h, w)
+
+
+def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 (or 0-255 float) NCHW -> float, standardised with ``mean``/``std`` (0-1 scale)."""
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1) * 255.0
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1) * 255.0
+    return (x.float() - m) / s
+
+
+def views_from_encoded(batch: dict, recipe: ViewRecipe, decode_size: int, generator: torch.Generator | None = None) -> dict:
+    """The data path's one function: encoded image bytes -> uint8 views (numpy, NCHW).
+
+    ``batch`` is a column dict with ``image`` (bytes) and ``id``. Rows whose image cannot be
+    decoded are left out here; the dataset scan step has already counted and reported them.
+    """
+    from components.data.decode import decode_batch
+
+    imgs, _, _ = decode_batch(batch["image"], batch["id"], decode_size)
+    views = make_views(torch.from_numpy(imgs), recipe, generator)
+    return {k: v.numpy() for k, v in views.items()}

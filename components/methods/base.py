@@ -1,0 +1,68 @@
+"""The method contract: what every self-supervised method in reprflow declares.
+
+A method is an ``nn.Module`` that says
+- ``views``: the :class:`~components.data.views.ViewRecipe` each sample must become;
+- ``forward(batch) -> dict`` with ``loss`` and any metrics worth logging, where ``batch`` maps
+  the recipe's keys (``view_0``, ...) to normalised float tensors;
+- ``on_step_end(step, total_steps)``: momentum/EMA updates, temperature schedules;
+- ``optim``: its :class:`~components.optim.OptimRecipe`, and ``param_groups()`` for it;
+- ``encoder``: the module whose pooled output is "the representation".
+Extra training state (memory banks, EMA teachers, centres) lives in buffers/sub-modules, so
+``state_dict()`` is the whole state a checkpoint needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from components.data.views import ViewRecipe
+from components.models.backbones import BackboneConfig
+from components.optim import OptimRecipe, param_groups
+
+
+class MethodConfig(BaseModel):
+    """Settings shared by every method; a method's own config subclasses this."""
+
+    model_config = ConfigDict(extra="forbid")
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    optim: OptimRecipe = Field(default_factory=OptimRecipe)
+    image_size: int = Field(32, ge=8, le=1024, description="side of the training views in pixels")
+
+
+class Method(nn.Module):
+    """Base class of the method contract (see the module docstring)."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    encoder: nn.Module
+
+    def __init__(self, cfg: MethodConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    @property
+    def views(self) -> ViewRecipe:
+        raise NotImplementedError
+
+    @property
+    def optim(self) -> OptimRecipe:
+        return self.cfg.optim
+
+    def param_groups(self) -> list[dict]:
+        """Parameter groups for the optimizer (no weight decay on norms and biases)."""
+        return param_groups(self, self.cfg.optim)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        """Called after every optimizer step; the default does nothing."""
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The representation of a normalised image batch (the encoder's pooled output)."""
+        return self.encoder(x)

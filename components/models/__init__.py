@@ -1,0 +1,1 @@
+"""Backbones, heads and EMA helpers shared by methods."""

@@ -1,0 +1,222 @@
+"""The pipeline file: typed, validated once at load, every mistake named by its dotted path.
+
+A pipeline file says which data, which methods, how to judge them and when a new model may
+replace the old one. See ``pipelines/quickstart.yaml`` for an annotated example.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from components.errors import ReprflowError
+from components.methods.registry import method_config
+
+METRICS = ("knn_top1", "linear_top1")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class DatasetSpec(_Strict):
+    """A dataset: generated synthetic scenes, or existing shards (``reprflow ingest`` output)."""
+
+    kind: Literal["scenes", "shards"] = "scenes"
+    uri: str | None = Field(None, description="shards: the dataset root (local path, s3://, gs://)")
+    train: int = Field(4000, ge=0, description="scenes: number of training images")
+    val: int = Field(1000, ge=0)
+    test: int = Field(1000, ge=0)
+    image_size: int = Field(64, ge=8, le=1024, description="scenes: rendered side in pixels")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _uri_for_shards(self):
+        if self.kind == "shards" and not self.uri:
+            raise ValueError("kind 'shards' needs 'uri'")
+        return self
+
+
+class TrainSpec(_Strict):
+    """How training runs: Ray Train scaling, budget and fault tolerance."""
+
+    dataset: str = Field("scenes", description="name under 'datasets' whose train split is used (labels ignored)")
+    num_workers: int = Field(1, ge=0, description="Ray Train workers; 0 = local mode (in-process)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    threads_per_worker: int | None = Field(None, ge=1, description="torch threads per worker; default: cores / workers")
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(256, ge=2, description="global batch size (split across workers)")
+    decode_size: int = Field(64, ge=8, le=1024, description="images are decoded once to this square size")
+    data_batch_size: int = Field(128, ge=1, description="rows per Ray Data map_batches call")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts before the step fails")
+    checkpoint_every_epochs: int = Field(1, ge=1)
+
+
+class EvaluateSpec(_Strict):
+    """How representations are judged (on the labelled eval dataset's splits)."""
+
+    dataset: str = Field("scenes", description="labelled dataset with train/val/test splits")
+    knn_k: int = Field(20, ge=1)
+    knn_temperature: float = Field(0.07, gt=0)
+    linear_probe: bool = True
+    selection_metric: Literal["knn_top1", "linear_top1"] = "knn_top1"
+    batch_size: int = Field(256, ge=1)
+
+
+class MethodSpec(_Strict):
+    """One method to train: its registry name, settings and optional training overrides."""
+
+    name: str
+    settings: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict, description="overrides of the top-level 'train' section")
+
+
+class RegisterSpec(_Strict):
+    """Registration policy: model ``<pipeline>-<method>``, alias moved only on a win (val split)."""
+
+    enabled: bool = True
+    alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$")
+    min_improvement: float = Field(0.0, ge=0, description="points the challenger must win by")
+
+
+class MlflowSpec(_Strict):
+    tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite in the storage folder")
+    experiment: str | None = Field(None, description="default: the pipeline name")
+
+
+class RaySpec(_Strict):
+    address: str | None = Field(None, description="existing cluster ('auto', 'ray://...'); default: start a local one")
+    num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local cluster; default max(4, cores)")
+
+
+class PipelineConfig(_Strict):
+    """The whole pipeline file."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+    seed: int = 0
+    storage: str = Field(".reprflow", description="step cache, checkpoints and the local MLflow store")
+    datasets: dict[str, DatasetSpec] = Field(default_factory=lambda: {"scenes": DatasetSpec()})
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    methods: list[MethodSpec] = Field(min_length=1)
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    registration: RegisterSpec = Field(default_factory=RegisterSpec, alias="register")
+    mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
+    ray: RaySpec = Field(default_factory=RaySpec)
+
+    @model_validator(mode="after")
+    def _cross_refs(self):
+        for section, ds in (("train.dataset", self.train.dataset), ("evaluate.dataset", self.evaluate.dataset)):
+            if ds not in self.datasets:
+                raise _FieldError(section, f"dataset '{ds}' is not defined under 'datasets' (defined: {', '.join(self.datasets) or 'none'})")
+        names = [m.name for m in self.methods]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise _FieldError("methods", f"method(s) listed twice: {', '.join(sorted(dup))}")
+        return self
+
+    def method_train(self, spec: MethodSpec) -> TrainSpec:
+        """The train section with the method's overrides applied (validated)."""
+        merged = {**self.train.model_dump(), **spec.train}
+        return TrainSpec.model_validate(merged)
+
+    def storage_path(self) -> Path:
+        return Path(self.storage).expanduser().resolve()
+
+    def tracking_uri(self) -> str:
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        if self.mlflow.tracking_uri:
+            return self.mlflow.tracking_uri
+        return f"sqlite:///{self.storage_path() / 'mlflow.db'}"
+
+
+class _FieldError(ValueError):
+    def __init__(self, path: str, msg: str):
+        super().__init__(msg)
+        self.path, self.msg = path, msg
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur: Any = data
+    for k in keys[:-1]:
+        if isinstance(cur, list):
+            cur = cur[int(k)]
+        else:
+            cur = cur.setdefault(k, {})
+    if isinstance(cur, list):
+        cur[int(keys[-1])] = value
+    else:
+        cur[keys[-1]] = value
+
+
+def parse_config(data: Any, source: str = "pipeline", overrides: list[str] | None = None) -> PipelineConfig:
+    """Validate a pipeline dict; a :class:`ReprflowError` names the first bad field.
+
+    ``overrides`` are ``dotted.key=value`` strings (values parsed as YAML), e.g.
+    ``train.epochs=2`` or ``methods.0.settings.temperature=0.2``.
+    """
+    if not isinstance(data, dict):
+        raise ReprflowError(f"{source}: the pipeline file must be a mapping of sections, got {type(data).__name__}")
+    data = copy.deepcopy(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ReprflowError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=2")
+        key, value = item.split("=", 1)
+        try:
+            _set_dotted(data, key.strip(), yaml.safe_load(value))
+        except (IndexError, ValueError, TypeError, AttributeError):
+            raise ReprflowError(f"--set {item!r}: '{key}' does not name a field of the pipeline file") from None
+    try:
+        cfg = PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        ctx_err = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_err, _FieldError):
+            raise ReprflowError(f"{source}: {ctx_err.path}: {ctx_err.msg}") from None
+        path = _dotted(tuple(err["loc"])) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see pipelines/quickstart.yaml for the known keys)"
+        raise ReprflowError(f"{source}: {path}: {msg}") from None
+    for i, spec in enumerate(cfg.methods):
+        _check_known(spec.name, source, i)
+        method_config(spec.name, spec.settings, where=f"{source}: methods[{i}].settings")
+        try:
+            cfg.method_train(spec)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ReprflowError(f"{source}: methods[{i}].train.{_dotted(tuple(err['loc']))}: {err['msg']}") from None
+    return cfg
+
+
+def _check_known(name: str, source: str, i: int) -> None:
+    from components.methods.registry import METHODS
+
+    if name not in METHODS:
+        raise ReprflowError(f"{source}: methods[{i}].name: unknown method '{name}'; known methods: {', '.join(sorted(METHODS))}")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read and validate a pipeline YAML file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ReprflowError(f"pipeline file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ReprflowError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, source=str(path), overrides=overrides)

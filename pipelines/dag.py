@@ -1,0 +1,176 @@
+"""A thin DAG layer on Ray: steps with declared inputs, cached by a hash of inputs + settings.
+
+A :class:`Step` names its upstream steps and its settings; its key is the sha256 of its kind,
+settings and its inputs' keys, so a changed setting anywhere upstream changes every key below
+it. A finished step leaves ``<storage>/steps/<name>-<key>/result.json`` (written last, after an
+atomic rename of the folder), which is what makes a rerun skip it. Steps whose inputs are done
+run concurrently (threads on the driver; the work itself runs as Ray tasks or a TorchTrainer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+import time
+import uuid
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+CODE_VERSION = "1"  # bump when a step's outputs change meaning, so old caches are not reused
+
+
+@dataclass
+class StepResult:
+    """What a step leaves: outputs (paths/values), final metrics, per-epoch history, params, artifacts."""
+
+    outputs: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    artifacts: list[str] = field(default_factory=list)  # file names inside the step folder
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, sort_keys=True, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> "StepResult":
+        return cls(**json.loads(text))
+
+
+@dataclass
+class Step:
+    """One node: ``fn(ctx) -> StepResult`` where ``ctx`` gives inputs' results and an output folder."""
+
+    name: str
+    kind: str
+    fn: Callable[["StepContext"], StepResult]
+    settings: dict[str, Any] = field(default_factory=dict)
+    inputs: list[str] = field(default_factory=list)
+    key: str = ""
+    # Called with a cached result; returning False re-runs the step (e.g. a registered version was deleted).
+    still_valid: Callable[[StepResult], bool] | None = None
+
+
+@dataclass
+class StepContext:
+    """What a running step sees: its folder, settings, finished inputs and the run's shared state."""
+
+    step: Step
+    out_dir: Path
+    inputs: dict[str, StepResult]
+    run: Any  # the pipeline run (config, tracking, Ray) - opaque to the DAG layer
+
+
+def settings_key(kind: str, settings: dict[str, Any], input_keys: list[str]) -> str:
+    """sha256 of a step's kind, settings and its inputs' keys (first 16 hex chars)."""
+    blob = json.dumps({"v": CODE_VERSION, "kind": kind, "settings": settings, "inputs": sorted(input_keys)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class DAG:
+    """Steps in insertion order (inputs must be added first); computes keys as steps are added."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, Step] = {}
+
+    def add(self, step: Step) -> Step:
+        for dep in step.inputs:
+            if dep not in self.steps:
+                raise ValueError(f"step {step.name} depends on unknown step {dep}")
+        step.key = settings_key(step.kind, step.settings, [self.steps[d].key for d in step.inputs])
+        self.steps[step.name] = step
+        return step
+
+
+def step_dir(storage: Path, step: Step) -> Path:
+    """The folder that holds a step's outputs."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in step.name)
+    return storage / "steps" / f"{safe}-{step.key}"
+
+
+def load_cached(storage: Path, step: Step) -> StepResult | None:
+    """The step's result if a previous run finished it (and it is still valid), else None."""
+    marker = step_dir(storage, step) / "result.json"
+    if not marker.is_file():
+        return None
+    result = StepResult.from_json(marker.read_text())
+    if step.still_valid is not None and not step.still_valid(result):
+        return None
+    return result
+
+
+class Runner:
+    """Runs a DAG: cached steps are skipped, ready steps run concurrently, failures stop the run.
+
+    ``on_event(event, step, info)`` is called with ``start``, ``cached``, ``done`` and ``failed``
+    (the pipeline uses it for progress lines and MLflow child runs).
+    """
+
+    def __init__(self, dag: DAG, storage: Path, run: Any, force: bool = False, max_parallel: int = 4, on_event=None):
+        self.dag, self.storage, self.run, self.force = dag, storage, run, force
+        self.max_parallel = max_parallel
+        self.on_event = on_event or (lambda *a: None)
+        self.results: dict[str, StepResult] = {}
+        self.cached: set[str] = set()
+        self._lock = threading.Lock()
+
+    def _execute(self, step: Step) -> StepResult:
+        final = step_dir(self.storage, step)
+        tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.mkdir(parents=True)
+        ctx = StepContext(step=step, out_dir=tmp, inputs={d: self.results[d] for d in step.inputs}, run=self.run)
+        try:
+            result = step.fn(ctx)
+            # The step may have written absolute paths of its temp folder; point them at the final one.
+            text = result.to_json().replace(str(tmp), str(final))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            (final / "result.json").write_text(text)
+            return StepResult.from_json(text)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def run_all(self) -> dict[str, StepResult]:
+        pending = dict(self.dag.steps)
+        running: dict[Future, Step] = {}
+        with ThreadPoolExecutor(max_workers=self.max_parallel) as pool:
+            while pending or running:
+                for name, step in list(pending.items()):
+                    if not all(d in self.results for d in step.inputs):
+                        continue
+                    del pending[name]
+                    cached = None if self.force else load_cached(self.storage, step)
+                    if cached is not None:
+                        self.results[name] = cached
+                        self.cached.add(name)
+                        self.on_event("cached", step, {"result": cached})
+                        continue
+                    self.on_event("start", step, {})
+                    running[pool.submit(self._timed, step)] = step
+                if not running:
+                    if pending:
+                        continue
+                    break
+                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for fut in done:
+                    step = running.pop(fut)
+                    try:
+                        result, seconds = fut.result()
+                    except BaseException as exc:
+                        self.on_event("failed", step, {"error": exc})
+                        for other in running:
+                            other.cancel()
+                        raise
+                    self.results[step.name] = result
+                    self.on_event("done", step, {"result": result, "seconds": seconds})
+        return self.results
+
+    def _timed(self, step: Step) -> tuple[StepResult, float]:
+        t0 = time.monotonic()
+        return self._execute(step), time.monotonic() - t0

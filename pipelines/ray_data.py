@@ -1,0 +1,85 @@
+"""Ray Data glue: shards -> decoded, augmented views (training) and batch inference (embedding)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import zlib
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from components.data.decode import decode_batch
+from components.data.views import ViewRecipe, views_from_encoded
+
+_calls = itertools.count()
+
+
+def _views_batch(batch: dict, recipe: ViewRecipe, decode_size: int, seed: int) -> dict:
+    # Ray Data tasks share the node's cores with training: one intra-op thread each.
+    torch.set_num_threads(1)
+    first = str(batch["id"][0]) if len(batch["id"]) else ""
+    # Seed from the run's seed, the batch's content and a per-process call counter, so views
+    # differ every epoch (the pipeline is re-executed per epoch) and between batches.
+    g = torch.Generator().manual_seed(hash((seed, zlib.crc32(first.encode()), os.getpid(), next(_calls))) & 0x7FFFFFFF)
+    return views_from_encoded(batch, recipe, decode_size, g)
+
+
+def views_dataset(files: list[str], recipe: ViewRecipe, decode_size: int, batch_size: int = 128, seed: int = 0) -> "ray.data.Dataset":
+    """A lazily executed dataset of ``view_i`` uint8 columns built from shard files."""
+    ds = ray.data.read_parquet(files, columns=["id", "image"])
+    return ds.map_batches(
+        _views_batch,
+        fn_kwargs={"recipe": recipe, "decode_size": decode_size, "seed": seed},
+        batch_size=batch_size,
+        batch_format="numpy",
+        zero_copy_batch=True,
+    )
+
+
+class _Embedder:
+    """Ray Data UDF: builds the encoder once per actor, then decodes and embeds batches."""
+
+    def __init__(self, build: Any, decode_size: int):
+        torch.set_num_threads(max(1, (os.cpu_count() or 2)))
+        self.model = build().eval()
+        self.decode_size = decode_size
+
+    def __call__(self, batch: dict) -> dict:
+        imgs, keep, _ = decode_batch(batch["image"], batch["id"], self.decode_size)
+        with torch.inference_mode():
+            feats = self.model(torch.from_numpy(imgs).permute(0, 3, 1, 2)).float().numpy() if len(imgs) else np.zeros((0, 1), np.float32)
+        labels = np.asarray([(-1 if v is None else int(v)) for v in batch["label"]], dtype=np.int64)
+        return {"id": np.asarray(batch["id"])[keep], "label": labels[keep], "path": np.asarray(batch["path"])[keep], "embedding": feats}
+
+
+def embed_files(files: list[str], build: Any, decode_size: int, batch_size: int = 256) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Batch inference over shard files in ONE Ray Data pass (one actor start-up).
+
+    Returns ``{file: (ids, labels, embeddings)}``. ``build`` is a picklable zero-argument
+    callable returning the (preprocessing + encoder) module, so the weights are loaded once per
+    actor rather than shipped with every batch.
+    """
+    ds = ray.data.read_parquet(files, columns=["id", "image", "label"], include_paths=True)
+    out = ds.map_batches(
+        _Embedder,
+        fn_constructor_kwargs={"build": build, "decode_size": decode_size},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=1),
+    )
+    parts: dict[str, list] = {}
+    for b in out.iter_batches(batch_size=None, batch_format="numpy"):
+        for path in np.unique(b["path"]):
+            m = b["path"] == path
+            feats = b["embedding"][m]
+            parts.setdefault(str(path), []).append((b["id"][m], b["label"][m], np.stack(feats) if feats.dtype == object else feats))
+    result = {}
+    for f in files:
+        key = next((p for p in parts if f.endswith(p) or p.endswith(f.split("://")[-1])), None)
+        chunks = parts.get(key, [])
+        if chunks:
+            result[f] = tuple(np.concatenate([c[i] for c in chunks]) for i in range(3))
+    return result

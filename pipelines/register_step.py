@@ -1,0 +1,101 @@
+"""The register step: log the shippable encoder to MLflow, create a version, run the gate."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import mlflow
+import numpy as np
+from safetensors.torch import save_file
+
+from pipelines.dag import StepContext, StepResult
+from pipelines.registry import gate
+from pipelines.steps import EncoderBuilder
+
+
+def model_name(pipeline: str, method: str) -> str:
+    """Registered model name of a (pipeline, method) pair."""
+    return f"{pipeline}-{method}"
+
+
+def register_step(ctx: StepContext) -> StepResult:
+    """Log model + encoder weights + full training state; register; move the alias on a win."""
+    s = ctx.step.settings
+    run = ctx.run
+    client = run.tracker.client
+    run_id = run.tracker.child_ids[ctx.step.name]
+    train_out = ctx.inputs[s["train_step"]].outputs
+    scores = ctx.inputs[s["evaluate_step"]].outputs["metrics"]
+    metric = s["selection_metric"]
+    score = scores.get(f"val_{metric}")
+    if score is None:
+        raise RuntimeError(f"evaluation produced no val_{metric}; the eval dataset needs a val split")
+    name = model_name(s["pipeline"], s["method"])
+
+    model = EncoderBuilder(s["method"], s["settings"], train_out["state"], 0)().eval()
+    size = s["decode_size"]
+    example = np.random.default_rng(0).integers(0, 256, size=(2, 3, size, size), dtype=np.uint8)
+    meta = {"method": s["method"], "settings": s["settings"], "image_size": model.image_size, "input": f"uint8 (N, 3, {size}, {size}) RGB"}
+    (ctx.out_dir / "encoder").mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ctx.out_dir / "encoder" / "model.safetensors"))
+    (ctx.out_dir / "encoder" / "config.json").write_text(json.dumps(meta, indent=2))
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(model, name="model", input_example=example, serialization_format="pt2")
+        mlflow.log_artifacts(str(ctx.out_dir / "encoder"), "encoder")
+        mlflow.log_artifact(train_out["state"], "training_state")
+    description = _description(run, s, scores)
+    mv = client.create_model_version(
+        name=_ensure_model(client, name), source=info.model_uri, run_id=run_id, description=description,
+        tags={"reprflow.pipeline_run": run.tracker.parent_id, "reprflow.config_hash": run.config_hash, "reprflow.data_fingerprint": s["train_fingerprint"], "reprflow.code_version": run.code_version},
+    )
+    _wait_ready(client, name, mv.version)
+    decision = gate(client, name, mv.version, score, metric, s["eval_fingerprint"], alias=s["alias"], min_improvement=s["min_improvement"])
+    verdict = "promoted to" if decision.promoted else "did not take"
+    print(f"[register] {name} v{mv.version}: {verdict} @{s['alias']} ({decision.reason})", flush=True)
+    outputs = {"name": name, "version": str(mv.version), "promoted": decision.promoted, "reason": decision.reason,
+               "champion_version": decision.champion_version, "model_uri": f"models:/{name}/{mv.version}"}
+    return StepResult(outputs=outputs, metrics={f"val_{metric}": score, "promoted": float(decision.promoted)}, params={"registered_model": name, "version": mv.version})
+
+
+def _ensure_model(client, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name, description="reprflow encoder (preprocessing + frozen backbone): uint8 RGB images -> features")
+        except MlflowException:
+            pass  # created concurrently
+    return name
+
+
+def _wait_ready(client, name: str, version: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.get_model_version(name, version).status == "READY":
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"model version {name}/{version} not READY after {timeout}s")
+
+
+def _description(run, s: dict, scores: dict) -> str:
+    rows = "\n".join(f"| {k} | {v:.2f} |" for k, v in sorted(scores.items()) if "top1" in k)
+    return (
+        f"**{s['method']}** from pipeline `{s['pipeline']}`\n\n| metric | value |\n|---|---|\n{rows}\n\n"
+        f"Lineage: pipeline run `{run.tracker.parent_id}`, config hash `{run.config_hash}`, train data `{s['train_fingerprint']}`, "
+        f"eval data `{s['eval_fingerprint']}`, code `{run.code_version}`."
+    )
+
+
+def registered_version_exists(run, result: StepResult) -> bool:
+    """Cache check for the register step: the recorded version must still be in the registry."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run.tracker.client.get_model_version(result.outputs["name"], result.outputs["version"])
+        return True
+    except (MlflowException, KeyError):
+        return False
+

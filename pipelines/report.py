@@ -1,0 +1,71 @@
+"""The comparison table: every representation of a pipeline run, on the same splits."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ("val_knn_top1", "test_knn_top1", "val_linear_top1", "test_linear_top1")
+
+
+def comparison_table(cfg, dag, results, tracker, table_steps: list[str]) -> dict[str, Any]:
+    """``{"pipeline", "selection_metric", "rows": [{representation, metrics..., run ids, registry}]}``."""
+    rows = []
+    for name in table_steps:
+        res = results[name]
+        label = res.outputs["label"]
+        row: dict[str, Any] = {"representation": label, **{c: res.outputs["metrics"].get(c) for c in COLUMNS}}
+        row["evaluate_run_id"] = tracker.child_ids.get(name)
+        train = f"train[{label}]"
+        if train in results:
+            row["train_run_id"] = tracker.child_ids.get(train)
+            hist = results[train].history
+            row["final_loss"] = hist[-1].get("loss") if hist else None
+        reg = results.get(f"register[{label}]")
+        if reg is not None:
+            row["registered"] = f"{reg.outputs['name']}/{reg.outputs['version']}"
+            row["promoted"] = reg.outputs["promoted"]
+        rows.append(row)
+    return {"pipeline": cfg.name, "selection_metric": cfg.evaluate.selection_metric, "eval_dataset": cfg.evaluate.dataset, "rows": rows}
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.1f}"
+    return str(v)
+
+
+def to_markdown(table: dict[str, Any]) -> str:
+    """The table as Markdown (also what the CLI prints)."""
+    cols = ["representation", *COLUMNS, "registered", "promoted"]
+    lines = [
+        f"# {table['pipeline']}: comparison (eval dataset '{table['eval_dataset']}', top-1 %, selection on val {table['selection_metric']})",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "|".join("---" for _ in cols) + "|",
+    ]
+    for row in table["rows"]:
+        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(table: dict[str, Any], output: Path, tracker, parent_run_id: str) -> None:
+    """Write ``results.md``/``results.json`` to ``output`` and log them (and metrics) to the parent run."""
+    md = to_markdown(table)
+    (output / "results.md").write_text(md)
+    (output / "results.json").write_text(json.dumps(table, indent=2, default=str))
+    tracker.log_artifact(parent_run_id, output / "results.md")
+    tracker.log_artifact(parent_run_id, output / "results.json")
+    metrics = {}
+    for row in table["rows"]:
+        key = "".join(c if c.isalnum() or c in "-_." else "_" for c in row["representation"])
+        for c in COLUMNS:
+            if isinstance(row.get(c), (int, float)):
+                metrics[f"{key}.{c}"] = row[c]
+    tracker.log_metrics(parent_run_id, metrics)

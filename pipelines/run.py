@@ -1,0 +1,196 @@
+"""Build the pipeline's DAG from its config and run it on Ray, recorded in MLflow.
+
+    dataset[d] ──► train[m] ──► embed[m] ──► evaluate[m] ──► register[m]
+        └────────► embed[random:<arch>] ──► evaluate[random:<arch>]     (the floor)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from components.methods.registry import method_config
+from pipelines.config import MethodSpec, PipelineConfig
+from pipelines.dag import DAG, Runner, Step, StepResult
+from pipelines.register_step import register_step, registered_version_exists
+from pipelines.report import comparison_table, write_report
+from pipelines.steps import dataset_step, embed_step, evaluate_step, train_step
+from pipelines.tracking import Tracker, code_version
+
+
+def init_ray(cfg: PipelineConfig) -> None:
+    """Connect to ``ray.address`` / ``$RAY_ADDRESS``, or start a local Ray bound to 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local cluster on loopback
+    # Our own project goes to workers through PYTHONPATH on a local cluster; a submitted job
+    # brings it as its working_dir.
+    root = str(Path(__file__).resolve().parent.parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join([root, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # Ray Data starves when training workers hold every logical CPU: declare at least 4.
+        ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
+
+
+@dataclass
+class PipelineRun:
+    """State shared by the steps of one pipeline run."""
+
+    config: PipelineConfig
+    storage: Path
+    tracker: Tracker
+    config_hash: str
+    code_version: str
+
+    def method_spec(self, name: str) -> MethodSpec:
+        return next(m for m in self.config.methods if m.name == name)
+
+
+def build_dag(cfg: PipelineConfig) -> tuple[DAG, list[str]]:
+    """The DAG of a pipeline config; returns it and the names of its evaluate steps (table rows)."""
+    dag = DAG()
+    decode = cfg.train.decode_size
+    ds_steps = {}
+    for name in dict.fromkeys([cfg.train.dataset, cfg.evaluate.dataset]):
+        spec = cfg.datasets[name]
+        settings = {"spec": spec.model_dump(), "decode_size": decode}
+        if spec.kind == "shards":
+            from components.data import shards as sh
+
+            # New or changed shards change the key, so the scan (and all below) reruns.
+            settings["content"] = sh.fingerprint_files([f for s in sh.SPLITS for f in _maybe_list(sh.join(spec.uri, s))])
+        ds_steps[name] = dag.add(Step(f"dataset[{name}]", "dataset", dataset_step, settings)).name
+    train_ds, eval_ds = ds_steps[cfg.train.dataset], ds_steps[cfg.evaluate.dataset]
+    ev = cfg.evaluate
+    ev_settings = {"knn_k": ev.knn_k, "knn_temperature": ev.knn_temperature, "linear_probe": ev.linear_probe, "dataset_step": eval_ds}
+    evaluations, floors = [], {}
+    for spec in cfg.methods:
+        settings = method_config(spec.name, spec.settings).model_dump(mode="json")
+        train = cfg.method_train(spec)
+        t = dag.add(Step(f"train[{spec.name}]", "train", train_step, {"method": spec.name, "settings": settings, "train": train.model_dump(), "seed": cfg.seed, "dataset_step": train_ds}, [train_ds]))
+        e = dag.add(Step(f"embed[{spec.name}]", "embed", embed_step, {"label": spec.name, "method": spec.name, "settings": settings, "seed": cfg.seed, "train_step": t.name, "dataset_step": eval_ds, "decode_size": decode, "batch_size": ev.batch_size}, [eval_ds, t.name]))
+        v = dag.add(Step(f"evaluate[{spec.name}]", "evaluate", evaluate_step, {**ev_settings, "label": spec.name, "embed_step": e.name}, [eval_ds, e.name]))
+        evaluations.append(v.name)
+        arch = _arch_label(settings)
+        if arch not in floors:
+            label = f"random-init[{arch}]"
+            fe = dag.add(Step(f"embed[{label}]", "embed", embed_step, {"label": label, "method": spec.name, "settings": settings, "seed": cfg.seed, "train_step": None, "dataset_step": eval_ds, "decode_size": decode, "batch_size": ev.batch_size}, [eval_ds]))
+            fv = dag.add(Step(f"evaluate[{label}]", "evaluate", evaluate_step, {**ev_settings, "label": label, "embed_step": fe.name}, [eval_ds, fe.name]))
+            floors[arch] = fv.name
+        if cfg.registration.enabled:
+            dag.add(Step(
+                f"register[{spec.name}]", "register", register_step,
+                {"pipeline": cfg.name, "method": spec.name, "settings": settings, "train_step": t.name, "evaluate_step": v.name,
+                 "selection_metric": ev.selection_metric, "alias": cfg.registration.alias, "min_improvement": cfg.registration.min_improvement,
+                 "decode_size": decode, "train_fingerprint": t.key, "eval_fingerprint": dag.steps[eval_ds].key},
+                [t.name, v.name],
+            ))
+    return dag, evaluations + list(floors.values())
+
+
+def _maybe_list(uri: str) -> list[str]:
+    from components.data import shards as sh
+
+    try:
+        return sh.list_shards(uri)
+    except Exception:  # noqa: BLE001 - a missing split just contributes nothing
+        return []
+
+
+def _arch_label(settings: dict) -> str:
+    b = settings.get("backbone", {})
+    return "-".join(str(x) for x in [b.get("name", "?"), b.get("stem", ""), settings.get("image_size", "")] if x != "")
+
+
+def run_pipeline(cfg: PipelineConfig, output: Path | None = None, force: bool = False, config_text: str | None = None) -> dict[str, Any]:
+    """Run a pipeline end to end; returns the comparison table (also written to ``output``)."""
+    t0 = time.monotonic()
+    storage = cfg.storage_path()
+    storage.mkdir(parents=True, exist_ok=True)
+    _check_writable(storage)
+    output = Path(output or storage / "runs" / time.strftime("%Y%m%d-%H%M%S"))
+    output.mkdir(parents=True, exist_ok=True)
+    cfg_json = cfg.model_dump(mode="json", by_alias=True)
+    config_hash = hashlib.sha256(json.dumps(cfg_json, sort_keys=True).encode()).hexdigest()[:16]
+    tracker = Tracker(cfg.tracking_uri(), cfg.mlflow.experiment or cfg.name, storage / "mlartifacts")
+    run = PipelineRun(cfg, storage, tracker, config_hash, code_version())
+    dag, table_steps = build_dag(cfg)
+    init_ray(cfg)
+    parent = tracker.start_parent(f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", cfg_json, {"reprflow.pipeline": cfg.name, "reprflow.config_hash": config_hash, "reprflow.code_version": run.code_version})
+    tracker.log_text(parent, config_text or json.dumps(cfg_json, indent=2), "pipeline.yaml" if config_text else "pipeline.json")
+    print(f"[reprflow] pipeline '{cfg.name}': {len(dag.steps)} steps; MLflow run {parent} ({cfg.tracking_uri()})", flush=True)
+
+    def on_event(event: str, step: Step, info: dict) -> None:
+        tags = {"reprflow.step_key": step.key, "reprflow.step_kind": step.kind}
+        if event == "start":
+            print(f"[step] {step.name} started", flush=True)
+            tracker.start_child(step.name, tags)
+        elif event == "cached":
+            print(f"[step] {step.name} cached ({step.key}), skipped", flush=True)
+            rid = tracker.start_child(step.name, {**tags, "reprflow.cached": "true"})
+            _log_result(tracker, rid, step, info["result"], storage)
+            tracker.finish(rid)
+        elif event == "done":
+            print(f"[step] {step.name} done in {info['seconds']:.0f}s", flush=True)
+            rid = tracker.child_ids[step.name]
+            tracker.log_metrics(rid, {"step_seconds": info["seconds"]})
+            _log_result(tracker, rid, step, info["result"], storage)
+            tracker.finish(rid)
+        elif event == "failed":
+            rid = tracker.child_ids.get(step.name)
+            if rid:
+                tracker.set_tags(rid, {"reprflow.error": repr(info["error"])[:4000]})
+                tracker.log_text(rid, "".join(traceback.format_exception(info["error"])), "error.txt")
+                tracker.finish(rid, "FAILED")
+
+    runner = Runner(dag, storage, run, force=force, on_event=on_event)
+    for name in dag.steps:
+        if dag.steps[name].kind == "register":
+            dag.steps[name].still_valid = lambda result: registered_version_exists(run, result)
+    try:
+        results = runner.run_all()
+    except BaseException:
+        tracker.finish(parent, "FAILED")
+        raise
+    table = comparison_table(cfg, dag, results, tracker, table_steps)
+    table["wall_seconds"] = time.monotonic() - t0
+    write_report(table, output, tracker, parent)
+    tracker.finish(parent)
+    table["output"] = str(output)
+    table["mlflow_url"] = tracker.run_url(parent)
+    return table
+
+
+def _log_result(tracker: Tracker, run_id: str, step: Step, result: StepResult, storage: Path) -> None:
+    from pipelines.dag import step_dir
+
+    tracker.log_params(run_id, {"settings": step.settings, **({"result": result.params} if result.params else {})})
+    if result.history:
+        tracker.log_history(run_id, result.history)
+    tracker.log_metrics(run_id, result.metrics)
+    folder = step_dir(storage, step)
+    for name in result.artifacts:
+        if (folder / name).is_file():
+            tracker.log_artifact(run_id, folder / name)
+
+
+def _check_writable(path: Path) -> None:
+    from components.errors import ReprflowError
+
+    probe = path / f".write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except OSError as exc:
+        raise ReprflowError(f"storage folder {path} is not writable: {exc.strerror}") from None

@@ -1,0 +1,191 @@
+"""The pipeline's step functions: dataset, train, embed, evaluate, register.
+
+Each takes a :class:`~pipelines.dag.StepContext` and returns a :class:`~pipelines.dag.StepResult`;
+heavy work runs on Ray (tasks, Ray Data, a TorchTrainer). ``ctx.run`` is the
+:class:`~pipelines.run.PipelineRun` (config, tracker).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from components.data import shards as sh
+from components.data.decode import decode_image
+from components.data.scenes import SHAPES, scene_rows
+from components.evaluation.knn import knn_top1
+from components.evaluation.linear import fit_linear_probe
+from components.methods.registry import build_method
+from components.models.embedding import EmbeddingModel
+from pipelines.dag import StepContext, StepResult
+
+# ---------------------------------------------------------------- dataset
+
+
+@ray.remote(num_cpus=1)
+def _scan_file(file_uri: str, decode_size: int) -> dict:
+    """Decode every row of one shard: count rows and list the bad ones with file and row."""
+    import pyarrow.parquet as pq
+
+    fs, path = sh.resolve(file_uri)
+    bad, n = [], 0
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        for rg in range(pf.num_row_groups):
+            t = pf.read_row_group(rg, columns=["id", "image"])
+            for rid, img in zip(t.column("id").to_pylist(), t.column("image").to_pylist()):
+                _, reason = decode_image(img, decode_size)
+                if reason:
+                    bad.append({"file": file_uri, "row": n, "id": rid, "reason": reason})
+                n += 1
+    return {"file": file_uri, "rows": n, "bad": bad}
+
+
+def dataset_step(ctx: StepContext) -> StepResult:
+    """Materialise a dataset (render scenes, or point at existing shards), then scan it."""
+    spec = ctx.step.settings["spec"]
+    if spec["kind"] == "scenes":
+        root = str(ctx.out_dir / "data")
+        for split in sh.SPLITS:
+            sh.write_shards(scene_rows(spec["seed"], split, spec[split], spec["image_size"]), sh.join(root, split), rows_per_shard=1024)
+        classes = list(SHAPES)
+    else:
+        root = spec["uri"]
+        classes = sh.read_dataset_info(root).classes
+    files = {}
+    for split in sh.SPLITS:
+        try:
+            files[split] = sh.list_shards(sh.join(root, split))
+        except Exception:  # noqa: BLE001 - a dataset may lack a split; the consumer says if it needs it
+            files[split] = []
+        for f in files[split]:
+            sh.check_shard_schema(f)
+    scans = ray.get([_scan_file.remote(f, ctx.step.settings["decode_size"]) for fs_ in files.values() for f in fs_])
+    rows = {s: sum(r["rows"] for r in scans if r["file"] in files[s]) for s in sh.SPLITS}
+    bad = [b for r in scans for b in r["bad"]]
+    (ctx.out_dir / "bad_rows.json").write_text(json.dumps(bad, indent=2))
+    fingerprint = sh.fingerprint_files([f for fs_ in files.values() for f in fs_])
+    if spec["kind"] == "scenes":
+        sh.write_dataset_info(root, sh.DatasetInfo(ctx.step.name, classes, rows, fingerprint, {"generator": spec}))
+    if bad:
+        print(f"[data] {len(bad)} bad rows (undecodable images) listed in {ctx.out_dir / 'bad_rows.json'}", flush=True)
+    return StepResult(
+        outputs={"root": root, "files": files, "classes": classes, "rows": rows, "fingerprint": fingerprint},
+        metrics={"rows_" + s: n for s, n in rows.items()} | {"bad_rows": len(bad)},
+        params={"kind": spec["kind"], "root": root, "fingerprint": fingerprint},
+        artifacts=["bad_rows.json"],
+    )
+
+
+# ---------------------------------------------------------------- train
+
+
+def train_step(ctx: StepContext) -> StepResult:
+    """Train one method with the generic Ray Train loop; keep its final full state."""
+    from pipelines.plots import loss_curve
+    from pipelines.train_loop import run_trainer
+
+    s = ctx.step.settings
+    data = ctx.inputs[s["dataset_step"]].outputs
+    train = ctx.run.config.method_train(ctx.run.method_spec(s["method"]))
+    method = build_method(s["method"], s["settings"])
+    out = run_trainer(
+        key=ctx.step.key, method=s["method"], settings=s["settings"], train=train,
+        rows=data["rows"]["train"], files=data["files"]["train"], storage=ctx.run.storage, seed=s["seed"],
+        views=method.views, out_dir=ctx.out_dir,
+    )
+    loss_curve(out["history"], ctx.out_dir / "loss_curve.png", title=f"{s['method']} training loss")
+    last = out["history"][-1] if out["history"] else {}
+    return StepResult(
+        outputs={"state": out["state"], "method": s["method"], "settings": s["settings"]},
+        metrics={f"final_{k}": v for k, v in last.items() if k in ("loss", "images_per_s", "epoch", "step")},
+        history=out["history"],
+        params={"method": s["method"], "settings": s["settings"], "train": train.model_dump(), "seed": s["seed"], "views": method.views.to_dict()},
+        artifacts=["history.json", "loss_curve.png"],
+    )
+
+
+# ---------------------------------------------------------------- embed
+
+
+class EncoderBuilder:
+    """Picklable recipe for the shippable encoder: a trained state, or a seeded random init."""
+
+    def __init__(self, method: str, settings: dict, state_path: str | None, seed: int):
+        self.method, self.settings, self.state_path, self.seed = method, settings, state_path, seed
+
+    def __call__(self) -> EmbeddingModel:
+        torch.manual_seed(self.seed)
+        m = build_method(self.method, self.settings)
+        if self.state_path:
+            from pipelines.train_loop import load_state
+
+            m.load_state_dict(load_state(Path(self.state_path))["method"])
+        return EmbeddingModel(m.encoder, m.cfg.image_size)
+
+
+def embed_step(ctx: StepContext) -> StepResult:
+    """Embed the eval dataset's splits with a frozen encoder (Ray Data batch inference)."""
+    from pipelines.plots import pca_scatter
+    from pipelines.ray_data import embed_files
+
+    s = ctx.step.settings
+    data = ctx.inputs[s["dataset_step"]].outputs
+    state = ctx.inputs[s["train_step"]].outputs["state"] if s.get("train_step") else None
+    build = EncoderBuilder(s["method"], s["settings"], state, s["seed"])
+    splits = {split: data["files"][split] for split in ("train", "val", "test") if data["files"].get(split)}
+    per_file = embed_files([f for fs_ in splits.values() for f in fs_], build, s["decode_size"], s["batch_size"])
+    outputs: dict[str, Any] = {}
+    for split, files in splits.items():
+        got = [per_file[f] for f in files if f in per_file]
+        if not got:
+            continue
+        ids, labels, feats = (np.concatenate([g[i] for g in got]) for i in range(3))
+        path = ctx.out_dir / f"embeddings-{split}.npz"
+        np.savez(path, ids=ids.astype(str), labels=labels, feats=feats.astype(np.float32))
+        outputs[split] = str(path)
+    artifacts = []
+    if "val" in outputs:
+        z = np.load(outputs["val"])
+        pca_scatter(z["feats"], z["labels"], data["classes"], ctx.out_dir / "embeddings_pca.png", title=f"{ctx.step.name}: val embeddings (PCA)")
+        artifacts.append("embeddings_pca.png")
+    return StepResult(outputs=outputs, params={"representation": s["label"]}, artifacts=artifacts)
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+@ray.remote(num_cpus=1)
+def _evaluate(paths: dict, num_classes: int, k: int, temperature: float, linear: bool) -> dict:
+    torch.set_num_threads(1)
+    z = {s: np.load(p) for s, p in paths.items()}
+    tr = torch.from_numpy(z["train"]["feats"]), torch.from_numpy(z["train"]["labels"])
+    out: dict[str, float] = {}
+    probe = None
+    if linear and "val" in z:
+        probe = fit_linear_probe(*tr, torch.from_numpy(z["val"]["feats"]), torch.from_numpy(z["val"]["labels"]), num_classes)
+        out["linear_weight_decay"] = probe.weight_decay
+    for split in ("val", "test"):
+        if split not in z:
+            continue
+        q, ql = torch.from_numpy(z[split]["feats"]), torch.from_numpy(z[split]["labels"])
+        out[f"{split}_knn_top1"] = knn_top1(*tr, q, ql, num_classes, k, temperature)
+        if probe is not None:
+            out[f"{split}_linear_top1"] = probe.top1(q, ql)
+        out[f"{split}_count"] = float(len(ql))
+    return out
+
+
+def evaluate_step(ctx: StepContext) -> StepResult:
+    """kNN (cosine, k weighted) and linear-probe top-1 on val and test (a Ray task)."""
+    s = ctx.step.settings
+    emb = ctx.inputs[s["embed_step"]].outputs
+    classes = ctx.inputs[s["dataset_step"]].outputs["classes"]
+    metrics = ray.get(_evaluate.remote(emb, len(classes), s["knn_k"], s["knn_temperature"], s["linear_probe"]))
+    (ctx.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return StepResult(outputs={"metrics": metrics, "label": s["label"]}, metrics=metrics, params={"representation": s["label"]}, artifacts=["metrics.json"])

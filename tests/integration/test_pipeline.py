@@ -1,0 +1,124 @@
+"""The quickstart pipeline (tiny settings) on a real local Ray with 2 train workers + real MLflow."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipelines.config import parse_config
+from pipelines.run import run_pipeline
+from pipelines.train_loop import load_state
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("quickstart")
+    cfg = parse_config(tiny_config(root / "store", name="qs", num_workers=2, epochs=2))
+    t0 = time.monotonic()
+    table = run_pipeline(cfg, root / "out1")
+    return cfg, root, table, time.monotonic() - t0
+
+
+def _runs(cfg):
+    client = MlflowClient(cfg.tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name)
+    return client, client.search_runs([exp.experiment_id], max_results=500)
+
+
+def test_mlflow_records_of_a_pipeline_run(first_run):
+    cfg, root, table, _ = first_run
+    client, runs = _runs(cfg)
+    parents = [r for r in runs if r.data.tags.get("reprflow.kind") == "pipeline"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = {r.data.tags["mlflow.runName"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"dataset[scenes]", "train[simclr]", "embed[simclr]", "evaluate[simclr]", "register[simclr]",
+                             "embed[random-init[resnet18-small-16]]", "evaluate[random-init[resnet18-small-16]]"}
+    assert all(r.info.status == "FINISHED" for r in [parent, *children.values()])
+    train = children["train[simclr]"]
+    loss_hist = client.get_metric_history(train.info.run_id, "loss")
+    assert sorted(m.step for m in loss_hist) == [1, 2]  # one point per epoch
+    assert train.data.params["settings.method"] == "simclr" and train.data.params["settings.seed"] == "0"
+    train_art = {a.path for a in client.list_artifacts(train.info.run_id)}
+    assert {"loss_curve.png", "history.json"} <= train_art
+    assert "embeddings_pca.png" in {a.path for a in client.list_artifacts(children["embed[simclr]"].info.run_id)}
+    ev = children["evaluate[simclr]"].data.metrics
+    assert {"val_knn_top1", "test_knn_top1", "val_linear_top1", "test_linear_top1"} <= set(ev)
+    parent_art = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"results.md", "results.json", "pipeline.json"} <= parent_art
+    assert "simclr.val_knn_top1" in parent.data.metrics
+    reg = children["register[simclr]"]
+    reg_art = {a.path for a in client.list_artifacts(reg.info.run_id)}
+    assert {"model", "encoder", "training_state"} <= reg_art
+
+
+def test_registered_version_alias_and_model_loads(first_run):
+    cfg, root, table, _ = first_run
+    client = MlflowClient(cfg.tracking_uri())
+    versions = client.search_model_versions("name='qs-simclr'")
+    assert [v.version for v in versions] == ["1"]
+    champ = client.get_model_version_by_alias("qs-simclr", "champion")
+    assert champ.version == "1" and champ.tags["reprflow.decision"] == "promoted"
+    assert float(champ.tags["reprflow.val_score"]) == pytest.approx(table["rows"][0]["val_knn_top1"], abs=1e-3)
+    assert "Lineage" in champ.description
+    mlflow.set_tracking_uri(cfg.tracking_uri())
+    model = mlflow.pytorch.load_model("models:/qs-simclr@champion")
+    feats = model(torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8))
+    assert feats.shape == (3, 512)
+
+
+def test_results_table_written_and_floor_present(first_run):
+    cfg, root, table, _ = first_run
+    data = json.loads((root / "out1" / "results.json").read_text())
+    labels = [r["representation"] for r in data["rows"]]
+    assert labels == ["simclr", "random-init[resnet18-small-16]"]
+    md = (root / "out1" / "results.md").read_text()
+    assert "| simclr |" in md and "random-init" in md
+    assert all(0 <= r["test_knn_top1"] <= 100 for r in data["rows"])
+
+
+def test_trained_with_two_workers_and_weights_changed(first_run):
+    cfg, root, table, _ = first_run
+    state = next((cfg.storage_path() / "steps").glob("train_simclr_-*/state.pt"))
+    st = load_state(state)
+    assert st["epoch"] == 2 and len(st["history"]) == 2
+    # 192 rows / 2 workers / 16 per worker = 6 steps per epoch: each worker saw its half.
+    assert st["global_step"] == 12
+
+
+def test_rerun_skips_finished_steps(first_run):
+    cfg, root, table, first_seconds = first_run
+    t0 = time.monotonic()
+    again = run_pipeline(cfg, root / "out2")
+    assert time.monotonic() - t0 < first_seconds
+    assert again["rows"][0]["val_knn_top1"] == table["rows"][0]["val_knn_top1"]
+    client, runs = _runs(cfg)
+    assert len([r for r in runs if r.data.tags.get("reprflow.kind") == "pipeline"]) == 2
+    cached = [r for r in runs if r.data.tags.get("reprflow.cached") == "true"]
+    assert len(cached) == 7
+    assert [v.version for v in client.search_model_versions("name='qs-simclr'")] == ["1"]
+
+
+def test_resume_from_checkpoint_after_a_crash(ray_session, tmp_path, monkeypatch):
+    cfg = parse_config(tiny_config(tmp_path / "store", name="resume", epochs=3, max_failures=0))
+    monkeypatch.setenv("REPRFLOW_FAIL_AFTER_EPOCH", "2")
+    with pytest.raises(Exception, match="injected fault after epoch 2"):
+        run_pipeline(cfg, tmp_path / "out")
+    client, runs = _runs(cfg)
+    failed = [r for r in runs if r.info.status == "FAILED"]
+    assert {r.data.tags.get("mlflow.runName") for r in failed} >= {"train[simclr]"}
+    monkeypatch.delenv("REPRFLOW_FAIL_AFTER_EPOCH")
+    run_pipeline(cfg, tmp_path / "out")
+    st = load_state(next((cfg.storage_path() / "steps").glob("train_simclr_-*/state.pt")))
+    assert st["epoch"] == 3
+    assert [h["resumed_from_epoch"] for h in st["history"]] == [0, 0, 2]  # epochs 1-2 not redone
+    assert [h["step"] for h in st["history"]] == [6, 12, 18]

@@ -1,0 +1,118 @@
+"""Pipeline-file validation (exit code 2, field named) and the DAG's cache keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.errors import ReprflowError
+from pipelines.cli import main
+from pipelines.config import load_config, parse_config
+from pipelines.dag import DAG, Runner, Step, StepResult
+from tests.conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _write(tmp_path, data) -> str:
+    p = tmp_path / "p.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return str(p)
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda d: d["methods"][0].update(name="nosuch"), r"methods\[0\]\.name: unknown method 'nosuch'; known methods: .*simclr"),
+    (lambda d: d["train"].update(dataset="missing"), r"train\.dataset: dataset 'missing' is not defined under 'datasets'"),
+    (lambda d: d["evaluate"].update(dataset="missing"), r"evaluate\.dataset: dataset 'missing' is not defined"),
+    (lambda d: d["train"].update(batch_size=-4), r"train\.batch_size: Input should be greater than or equal to 2"),
+    (lambda d: d.update(trian={}), r"trian: unknown key"),
+    (lambda d: d["methods"][0]["settings"].update(temprature=0.1), r"methods\[0\]\.settings\.temprature: Extra inputs are not permitted"),
+    (lambda d: d["methods"][0]["settings"].update(temperature=-1), r"methods\[0\]\.settings\.temperature: Input should be greater than 0"),
+    (lambda d: d["methods"][0].update(train={"epochs": 0}), r"methods\[0\]\.train\.epochs: Input should be greater than or equal to 1"),
+    (lambda d: d.pop("methods"), r"methods: Field required"),
+    (lambda d: d["datasets"].update(mine={"kind": "shards"}), r"datasets\.mine: kind 'shards' needs 'uri'"),
+])
+def test_bad_pipeline_files_fail_before_running(tmp_path, capsys, mutate, message):
+    data = tiny_config(tmp_path / "store")
+    mutate(data)
+    path = _write(tmp_path, data)
+    with pytest.raises(ReprflowError, match=message):
+        load_config(path)
+    assert main(["run", path]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("reprflow: error: ") and err.count("\n") == 1
+    assert not (tmp_path / "store").exists()  # nothing ran, nothing was written
+
+
+def test_cli_missing_file_and_bad_override(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert "pipeline file not found" in capsys.readouterr().err
+    with pytest.raises(ReprflowError, match="--set 'train.epochs': expected KEY=VALUE"):
+        parse_config(tiny_config(tmp_path), overrides=["train.epochs"])
+    cfg = parse_config(tiny_config(tmp_path), overrides=["train.epochs=5", "methods.0.settings.temperature=0.3"])
+    assert cfg.train.epochs == 5 and cfg.methods[0].settings["temperature"] == 0.3
+
+
+def test_shipped_pipeline_files_are_valid(capsys):
+    for path in sorted((ROOT / "pipelines").glob("*.yaml")):
+        assert main(["validate", str(path)]) == 0, path
+    assert "train[simclr]" in capsys.readouterr().out
+
+
+def test_every_cli_command_has_an_example_in_help(capsys):
+    from pipelines.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, sp in sub.choices.items():
+        assert "example:" in sp.format_help(), name
+
+
+def _step(name, settings, inputs=(), calls=None):
+    def fn(ctx):
+        calls.append(name)
+        (ctx.out_dir / "out.txt").write_text(name)
+        return StepResult(outputs={"file": str(ctx.out_dir / "out.txt"), "inputs": sorted(ctx.inputs)})
+
+    return Step(name, "t", fn, settings, list(inputs))
+
+
+def test_dag_caches_by_key_and_reruns_downstream_of_a_change(tmp_path):
+    def build(a_setting, calls):
+        dag = DAG()
+        dag.add(_step("a", {"x": a_setting}, calls=calls))
+        dag.add(_step("b", {"y": 1}, ["a"], calls))
+        dag.add(_step("c", {"z": 1}, calls=calls))
+        return dag
+
+    calls: list[str] = []
+    res = Runner(build(1, calls), tmp_path, None).run_all()
+    assert sorted(calls) == ["a", "b", "c"]
+    assert Path(res["b"].outputs["file"]).read_text() == "b" and res["b"].outputs["inputs"] == ["a"]
+    calls.clear()
+    runner = Runner(build(1, calls), tmp_path, None)
+    runner.run_all()
+    assert calls == [] and runner.cached == {"a", "b", "c"}
+    calls.clear()
+    Runner(build(2, calls), tmp_path, None).run_all()
+    assert sorted(calls) == ["a", "b"]  # c's key does not depend on a
+    calls.clear()
+    Runner(build(2, calls), tmp_path, None, force=True).run_all()
+    assert sorted(calls) == ["a", "b", "c"]
+
+
+def test_failed_step_leaves_no_cache_and_keeps_finished_work(tmp_path):
+    calls: list[str] = []
+    dag = DAG()
+    dag.add(_step("ok", {}, calls=calls))
+
+    def boom(ctx):
+        raise RuntimeError("boom")
+
+    dag.add(Step("bad", "t", boom, {}, ["ok"]))
+    with pytest.raises(RuntimeError, match="boom"):
+        Runner(dag, tmp_path, None).run_all()
+    dirs = sorted(p.name.split("-")[0] for p in (tmp_path / "steps").iterdir())
+    assert dirs == ["ok"]  # the failed step left neither its folder nor a temp folder
