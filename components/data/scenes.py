@@ -62,29 +62,41 @@ def _shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, cx: float, cy: float,
     raise ValueError(kind)
 
 
+# Muted background colours. Backgrounds come from a small discrete set (palette x texture x
+# scale) at low contrast, so neither colour nor texture identifies an image: what two crops of
+# one scene share most distinctively is its shapes, which pushes a self-supervised encoder
+# towards shape (the label) instead of a colour/texture shortcut.
+BACKGROUNDS = {
+    "grey": (128, 128, 128),
+    "sand": (170, 150, 110),
+    "teal": (80, 130, 130),
+    "olive": (120, 130, 80),
+    "mauve": (140, 110, 140),
+    "slate": (100, 110, 140),
+}
+
+
 def _background(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray) -> tuple[np.ndarray, str]:
     texture = TEXTURES[rng.integers(len(TEXTURES))]
-    # Backgrounds are deliberately low-contrast: the shape, not the texture, is what two crops
-    # of one scene share most, so a self-supervised encoder is pushed towards shape.
-    c1 = rng.integers(70, 190, size=3).astype(np.float32)
-    c2 = np.clip(c1 + rng.normal(0, 18, size=3), 0, 255).astype(np.float32)
+    base = np.asarray(list(BACKGROUNDS.values())[rng.integers(len(BACKGROUNDS))], np.float32)
+    c1 = base + rng.normal(0, 6, size=3)
+    c2 = c1 + 22
+    scale = (6, 10)[rng.integers(2)]
     if texture == "stripes":
-        period = rng.uniform(4, 12)
-        angle = rng.uniform(0, np.pi)
-        t = (np.cos(angle) * xx + np.sin(angle) * yy) / period
+        angle = np.pi / 4 * rng.integers(4)
+        t = (np.cos(angle) * xx + np.sin(angle) * yy) / scale
         w = (np.sin(2 * np.pi * t) > 0).astype(np.float32)
     elif texture == "checker":
-        cell = int(rng.integers(4, 12))
-        w = (((xx // cell) + (yy // cell)) % 2).astype(np.float32)
+        w = (((xx // scale) + (yy // scale)) % 2).astype(np.float32)
     elif texture == "noise":
-        coarse = rng.random((size // 8 + 1, size // 8 + 1)).astype(np.float32)
-        w = np.kron(coarse, np.ones((8, 8), np.float32))[:size, :size]
+        coarse = rng.random((size // scale + 1, size // scale + 1)).astype(np.float32)
+        w = np.kron(coarse, np.ones((scale, scale), np.float32))[:size, :size]
     else:
-        angle = rng.uniform(0, 2 * np.pi)
+        angle = np.pi / 2 * rng.integers(4)
         w = (np.cos(angle) * xx + np.sin(angle) * yy) / size
         w = (w - w.min()) / max(1e-6, np.ptp(w))
     img = c1 * (1 - w[..., None]) + c2 * w[..., None]
-    img += rng.normal(0, 6, size=img.shape)
+    img += rng.normal(0, 5, size=img.shape)
     return img, texture
 
 
