@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from components.errors import ReprflowError
 from components.methods.registry import method_config
@@ -58,6 +58,26 @@ class TrainSpec(_Strict):
     checkpoint_every_epochs: int = Field(1, ge=1)
 
 
+class BriefSpec(_Strict):
+    """The BRIEF baseline row (Calonder et al., ECCV 2010): a bag of binary words per image.
+
+    Off unless enabled. The paper's patch (S = 48) does not fit a 64-px image once a keypoint
+    must keep S/2 px from every edge; S = 24 leaves a 40x40 region for keypoints there, and the
+    paper's smoothing (Gaussian sigma 2, 9x9) is kept. See ``pipelines/brief_step.py``.
+    """
+
+    enabled: bool = Field(False, description="add embed[brief] -> evaluate[brief] (a row of the comparison table)")
+    bits: Literal[128, 256, 512] = Field(256, description="n_d, binary tests per descriptor")
+    patch_size: int = Field(24, ge=5, le=512, description="S: side of the test patch in pixels; keypoints keep S//2 px from the edges")
+    sigma: float = Field(2.0, gt=0, le=10, description="Gaussian pre-smoothing (9x9 window)")
+    pattern: Literal["GI", "GII", "GIII", "GIV", "GV"] = Field("GII", description="sampling pattern of the test pairs (the paper's G I..G V)")
+    detector: Literal["harris", "fast"] = "harris"
+    keypoints_per_image: int = Field(32, ge=1, le=4096, description="top-k keypoints per image")
+    codebook_size: int = Field(256, ge=2, le=65536, description="binary words (the vector length)")
+    codebook_iterations: int = Field(20, ge=1, le=1000, description="k-majority iterations at most")
+    codebook_sample: int = Field(20000, ge=2, description="train-split descriptors the codebook is learnt from (a seeded sample)")
+
+
 class EvaluateSpec(_Strict):
     """How representations are judged (on the labelled eval dataset's splits)."""
 
@@ -67,6 +87,7 @@ class EvaluateSpec(_Strict):
     linear_probe: bool = True
     selection_metric: Literal["knn_top1", "linear_top1"] = "knn_top1"
     batch_size: int = Field(256, ge=1)
+    brief: BriefSpec = Field(default_factory=BriefSpec, description="the BRIEF bag-of-binary-words baseline row")
 
 
 class MethodSpec(_Strict):
@@ -83,6 +104,15 @@ class RegisterSpec(_Strict):
     enabled: bool = True
     alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$")
     min_improvement: float = Field(0.0, ge=0, description="points the challenger must win by")
+
+
+class RetrainSpec(_Strict):
+    """Periodic retraining (``reprflow retrain``): which shards, how long, how much better."""
+
+    data: Literal["new", "all"] = Field("new", description="train on the shards that arrived since the champion's watermark, or on all shards")
+    epochs: int | None = Field(None, ge=1, description="epochs of a retrain (the schedule restarts); default: the train section's epochs")
+    margin: float = Field(0.0, ge=-100, le=100, description="points of the selection metric (val split) the challenger must win by; "
+                          "negative lets a slightly worse challenger trained on fresher data replace the champion")
 
 
 class MlflowSpec(_Strict):
@@ -108,6 +138,16 @@ class PipelineConfig(_Strict):
     registration: RegisterSpec = Field(default_factory=RegisterSpec, alias="register")
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
+    retrain: RetrainSpec = Field(default_factory=RetrainSpec)
+
+    @field_validator("storage")
+    @classmethod
+    def _local_storage(cls, value: str) -> str:
+        # The step cache and Ray Train checkpoints are plain files: on a cluster, a shared mount.
+        if "://" in value:
+            raise ValueError(f"'{value}': storage must be a local or mounted path (e.g. an NFS/EFS mount on every node); "
+                             "object stores are supported for shards (datasets.*.uri), not for the step cache")
+        return value
 
     @model_validator(mode="after")
     def _cross_refs(self):
@@ -120,13 +160,26 @@ class PipelineConfig(_Strict):
             raise _FieldError("methods", f"method(s) listed twice: {', '.join(sorted(dup))}")
         return self
 
+    @model_validator(mode="after")
+    def _brief_fits(self):
+        # BRIEF keypoints keep S//2 px from every edge of the decoded image: leave them room.
+        b, size = self.evaluate.brief, self.train.decode_size
+        if b.enabled and size - 2 * (b.patch_size // 2) < 8:
+            raise _FieldError("evaluate.brief.patch_size", f"{b.patch_size} leaves no room for keypoints in {size}-px images "
+                              f"(train.decode_size); use at most {size - 8}")
+        return self
+
     def method_train(self, spec: MethodSpec) -> TrainSpec:
         """The train section with the method's overrides applied (validated)."""
         merged = {**self.train.model_dump(), **spec.train}
         return TrainSpec.model_validate(merged)
 
     def storage_path(self) -> Path:
-        return Path(self.storage).expanduser().resolve()
+        """The storage folder: ``$REPRFLOW_STORAGE`` if set (e.g. a cluster's shared mount), else ``storage``."""
+        override = os.environ.get("REPRFLOW_STORAGE")
+        if override and "://" in override:
+            raise ReprflowError(f"REPRFLOW_STORAGE={override}: storage must be a local or mounted path, not an object store URI")
+        return Path(override or self.storage).expanduser().resolve()
 
     def tracking_uri(self) -> str:
         if os.environ.get("MLFLOW_TRACKING_URI"):

@@ -1,7 +1,8 @@
 """Build the pipeline's DAG from its config and run it on Ray, recorded in MLflow.
 
     dataset[d] ──► train[m] ──► embed[m] ──► evaluate[m] ──► register[m]
-        └────────► embed[random:<arch>] ──► evaluate[random:<arch>]     (the floor)
+        ├────────► embed[random:<arch>] ──► evaluate[random:<arch>]     (the floor)
+        └────────► embed[brief] ──► evaluate[brief]      (evaluate.brief: the BRIEF baseline)
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from components.errors import ReprflowError
 from components.methods.registry import method_config
+from pipelines.brief_step import add_brief_steps
 from pipelines.config import MethodSpec, PipelineConfig
 from pipelines.dag import DAG, Runner, Step, StepResult
 from pipelines.register_step import register_step, registered_version_exists
@@ -70,6 +73,8 @@ def build_dag(cfg: PipelineConfig) -> tuple[DAG, list[str]]:
 
             # New or changed shards change the key, so the scan (and all below) reruns.
             settings["content"] = sh.fingerprint_files([f for s in sh.SPLITS for f in _maybe_list(sh.join(spec.uri, s))])
+            if name == cfg.evaluate.dataset and not sh.read_dataset_info(spec.uri).classes:
+                raise ReprflowError(f"evaluate.dataset: '{name}' ({spec.uri}) has no labels; evaluation needs a labelled dataset (class per sub-folder at ingest)")
         ds_steps[name] = dag.add(Step(f"dataset[{name}]", "dataset", dataset_step, settings)).name
     train_ds, eval_ds = ds_steps[cfg.train.dataset], ds_steps[cfg.evaluate.dataset]
     ev = cfg.evaluate
@@ -93,10 +98,11 @@ def build_dag(cfg: PipelineConfig) -> tuple[DAG, list[str]]:
                 f"register[{spec.name}]", "register", register_step,
                 {"pipeline": cfg.name, "method": spec.name, "settings": settings, "train_step": t.name, "evaluate_step": v.name,
                  "selection_metric": ev.selection_metric, "alias": cfg.registration.alias, "min_improvement": cfg.registration.min_improvement,
-                 "decode_size": decode, "train_fingerprint": t.key, "eval_fingerprint": dag.steps[eval_ds].key},
-                [t.name, v.name],
+                 "decode_size": decode, "train_fingerprint": t.key, "eval_fingerprint": dag.steps[eval_ds].key, "dataset_step": train_ds},
+                [train_ds, t.name, v.name],
             ))
-    return dag, evaluations + list(floors.values())
+    # The BRIEF baseline (evaluate.brief) is one more row, after the floors.
+    return dag, evaluations + list(floors.values()) + add_brief_steps(dag, cfg, eval_ds, ev_settings)
 
 
 def _maybe_list(uri: str) -> list[str]:
@@ -132,7 +138,7 @@ def run_pipeline(cfg: PipelineConfig, output: Path | None = None, force: bool = 
     print(f"[reprflow] pipeline '{cfg.name}': {len(dag.steps)} steps; MLflow run {parent} ({cfg.tracking_uri()})", flush=True)
 
     def on_event(event: str, step: Step, info: dict) -> None:
-        tags = {"reprflow.step_key": step.key, "reprflow.step_kind": step.kind}
+        tags = {"reprflow.step_key": step.key, "reprflow.step_kind": step.kind, **lineage_tags(step, runner.results)}
         if event == "start":
             print(f"[step] {step.name} started", flush=True)
             tracker.start_child(step.name, tags)
@@ -172,6 +178,20 @@ def run_pipeline(cfg: PipelineConfig, output: Path | None = None, force: bool = 
     return table
 
 
+def lineage_tags(step: Step, results: dict[str, StepResult]) -> dict[str, str]:
+    """Tags that let the MLflow UI compare step runs across methods: the representation (method
+    or floor) and the fingerprint of the data the step read."""
+    s = step.settings
+    tags = {}
+    method = s.get("label") or s.get("method")
+    if method:
+        tags["reprflow.method"] = str(method)
+    ds = s.get("dataset_step")
+    if ds in results and results[ds].outputs.get("fingerprint"):
+        tags["reprflow.data_fingerprint"] = str(results[ds].outputs["fingerprint"])
+    return tags
+
+
 def _log_result(tracker: Tracker, run_id: str, step: Step, result: StepResult, storage: Path) -> None:
     from pipelines.dag import step_dir
 
@@ -186,8 +206,6 @@ def _log_result(tracker: Tracker, run_id: str, step: Step, result: StepResult, s
 
 
 def _check_writable(path: Path) -> None:
-    from components.errors import ReprflowError
-
     probe = path / f".write-test-{os.getpid()}"
     try:
         probe.write_bytes(b"x" * 4096)

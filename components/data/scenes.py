@@ -80,7 +80,7 @@ def _background(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndar
     texture = TEXTURES[rng.integers(len(TEXTURES))]
     base = np.asarray(list(BACKGROUNDS.values())[rng.integers(len(BACKGROUNDS))], np.float32)
     c1 = base + rng.normal(0, 6, size=3)
-    c2 = c1 + 22
+    c2 = c1 + 16
     scale = (6, 10)[rng.integers(2)]
     if texture == "stripes":
         angle = np.pi / 4 * rng.integers(4)
@@ -106,8 +106,8 @@ def render_scene(seed: int, split: str, index: int, size: int = 64) -> dict[str,
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     img, texture = _background(rng, size, yy, xx)
     label = int(rng.integers(len(SHAPES)))
-    objects = [(SHAPES[label], rng.uniform(0.22, 0.34) * size, "large")]
-    for _ in range(int(rng.integers(0, 3))):
+    objects = [(SHAPES[label], rng.uniform(0.24, 0.36) * size, "large")]
+    for _ in range(int(rng.integers(0, 2))):
         objects.append((SHAPES[rng.integers(len(SHAPES))], rng.uniform(0.06, 0.09) * size, "small"))
     boxes, phrases = [], []
     for kind, r, size_word in objects:
