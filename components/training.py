@@ -51,6 +51,7 @@ class TrainStep:
         self.total_steps = max(1, steps_per_epoch * epochs)
         self.schedule = Schedule(self.optimizer, recipe, self.peak_lr, self.total_steps, steps_per_epoch)
         self.amp_dtype = amp_dtype
+        method.on_train_start(steps_per_epoch, self.total_steps)
 
     def __call__(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
         lr = self.schedule.apply(step)
@@ -63,6 +64,7 @@ class TrainStep:
             raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower the learning rate or check the data")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.method.on_after_backward(step)
         self.optimizer.step()
         self.method.on_step_end(step, self.total_steps)
         metrics = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}

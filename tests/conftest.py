@@ -20,6 +20,15 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 # A new method adds one entry here and a test module asserting on its row.
 TINY_METHODS: dict[str, dict] = {
     "simclr": {"image_size": 16, "proj_hidden_dim": 64, "proj_dim": 32, "temperature": 0.2, "optim": {"lr": 0.6, "warmup_epochs": 0}},
+    "nnclr": {"image_size": 16, "proj_hidden_dim": 64, "proj_dim": 32, "pred_hidden_dim": 64, "support_set_size": 256, "temperature": 0.1, "optim": {"lr": 1.2, "warmup_epochs": 0}},
+    "meanshift": {"image_size": 16, "proj_hidden_dim": 64, "proj_dim": 32, "pred_hidden_dim": 64, "bank_size": 256, "optim": {"lr": 0.5}},
+    "scl": {"image_size": 16, "proj_hidden_dim": 64, "proj_dim": 32, "mu": 1.0, "optim": {"lr": 0.5}},
+    "byol": {"image_size": 16, "proj_hidden_dim": 64, "proj_dim": 32, "pred_hidden_dim": 64, "optim": {"lr": 1.0, "warmup_epochs": 0}},
+    # ViT-tiny-ish (4x4 patches of 16 px) for the ViT members of the distillation family.
+    "mocov3": {"image_size": 16, "backbone": {"name": "vit_tiny", "patch_size": 4, "img_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 2},
+               "proj_hidden_dim": 64, "proj_dim": 32, "pred_hidden_dim": 64, "optim": {"lr": 0.04, "warmup_epochs": 0}},
+    "dino": {"image_size": 16, "local_size": 8, "n_local": 4, "backbone": {"name": "vit_tiny", "patch_size": 4, "img_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 2},
+             "hidden_dim": 64, "bottleneck_dim": 32, "out_dim": 256, "warmup_teacher_temp_epochs": 1, "optim": {"lr": 0.04, "warmup_epochs": 0}},
 }
 
 
@@ -48,3 +57,44 @@ def ray_session():
     init_ray(parse_config(tiny_config(Path("/tmp/unused"))))
     yield ray
     ray.shutdown()
+
+
+def run_tiny(storage: Path, name: str, methods: dict[str, dict], output: Path | None = None, **train):
+    """Run a tiny pipeline with ``methods``; returns ``(config, comparison table)``."""
+    from pipelines.config import parse_config
+    from pipelines.run import run_pipeline
+
+    cfg = parse_config(tiny_config(storage, name=name, methods=methods, **train))
+    return cfg, run_pipeline(cfg, output or storage / "out")
+
+
+@pytest.fixture(scope="session")
+def methods_run(ray_session, tmp_path_factory):
+    """ONE session pipeline run training every method in TINY_METHODS in Ray Train local mode.
+
+    Method tests assert on their own rows (loss fell, encoder changed, registered) instead of
+    each paying for a pipeline run.
+    """
+    root = tmp_path_factory.mktemp("methods")
+    return run_tiny(root / "store", "methods", TINY_METHODS, root / "out", num_workers=0, epochs=3)
+
+
+def method_outcome(cfg, name: str) -> dict:
+    """What a method test checks: per-epoch losses, initial vs trained encoder, registry version."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from components.methods.registry import build_method
+    from pipelines.train_loop import load_state
+
+    state_file = next((cfg.storage_path() / "steps").glob(f"train_{name}_-*/state.pt"))
+    state = load_state(state_file)
+    spec = next(m for m in cfg.methods if m.name == name)
+    torch.manual_seed(cfg.seed)  # the train loop seeds the same way before building the method
+    initial = build_method(name, spec.settings)
+    trained = build_method(name, spec.settings)
+    trained.load_state_dict(state["method"])
+    changed = [k for k, v in trained.encoder.state_dict().items() if v.is_floating_point() and not torch.allclose(v, initial.encoder.state_dict()[k])]
+    client = MlflowClient(cfg.tracking_uri())
+    versions = client.search_model_versions(f"name='{cfg.name}-{name}'")
+    return {"losses": [h["loss"] for h in state["history"]], "changed": changed, "versions": versions, "state": state}

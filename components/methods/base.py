@@ -5,6 +5,8 @@ A method is an ``nn.Module`` that says
 - ``forward(batch) -> dict`` with ``loss`` and any metrics worth logging, where ``batch`` maps
   the recipe's keys (``view_0``, ...) to normalised float tensors;
 - ``on_step_end(step, total_steps)``: momentum/EMA updates, temperature schedules;
+  optional ``on_train_start(steps_per_epoch, total_steps)`` (epoch-based schedules) and
+  ``on_after_backward(step)`` (gradient surgery between backward and the optimizer step);
 - ``optim``: its :class:`~components.optim.OptimRecipe`, and ``param_groups()`` for it;
 - ``encoder``: the module whose pooled output is "the representation".
 Extra training state (memory banks, EMA teachers, centres) lives in buffers/sub-modules, so
@@ -16,7 +18,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from components.data.views import ViewRecipe
@@ -32,6 +34,25 @@ class MethodConfig(BaseModel):
     optim: OptimRecipe = Field(default_factory=OptimRecipe)
     image_size: int = Field(32, ge=8, le=1024, description="side of the training views in pixels")
 
+    @classmethod
+    def paper_optim(cls, settings: dict) -> dict:
+        """The method's default optimisation recipe as a dict; it may depend on other settings
+        (e.g. AdamW for a ViT, LARS for a ResNet). The user's ``optim`` keys override it one by
+        one, so ``optim: {lr: 0.01}`` keeps the paper's optimizer. Empty = OptimRecipe's defaults."""
+        return {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_paper_optim(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            base = cls.paper_optim(data)
+            if base:
+                user = data.get("optim") or {}
+                if isinstance(user, OptimRecipe):
+                    user = user.model_dump(exclude_unset=True)
+                data = {**data, "optim": {**base, **user}}
+        return data
+
 
 class Method(nn.Module):
     """Base class of the method contract (see the module docstring)."""
@@ -39,6 +60,7 @@ class Method(nn.Module):
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     encoder: nn.Module
+    steps_per_epoch: int | None = None  # set by on_train_start
 
     def __init__(self, cfg: MethodConfig):
         super().__init__()
@@ -53,11 +75,22 @@ class Method(nn.Module):
         return self.cfg.optim
 
     def param_groups(self) -> list[dict]:
-        """Parameter groups for the optimizer (no weight decay on norms and biases)."""
+        """Parameter groups for the optimizer (no weight decay on norms and biases; layer-wise
+        lr decay when the recipe sets ``layer_decay`` and the encoder has ``layer_id``, i.e. ViTs)."""
+        enc = self.encoder
+        if hasattr(enc, "layer_id"):
+            return param_groups(self, self.cfg.optim, enc.layer_id, enc.num_layers)
         return param_groups(self, self.cfg.optim)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         raise NotImplementedError
+
+    def on_train_start(self, steps_per_epoch: int, total_steps: int) -> None:
+        """Called once before training (and again on resume); the default records ``steps_per_epoch``."""
+        self.steps_per_epoch = steps_per_epoch
+
+    def on_after_backward(self, step: int) -> None:
+        """Called after ``loss.backward()``, before the optimizer step; the default does nothing."""
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Called after every optimizer step; the default does nothing."""

@@ -13,6 +13,12 @@ from components.methods.base import Method, MethodConfig
 # name -> "module:Class"; imported lazily so a method's optional dependencies load only when used.
 METHODS: dict[str, str] = {
     "simclr": "components.methods.simclr:SimCLR",
+    "byol": "components.methods.byol:BYOL",
+    "mocov3": "components.methods.mocov3:MoCoV3",
+    "dino": "components.methods.dino:DINO",
+    "nnclr": "components.methods.nnclr:NNCLR",
+    "meanshift": "components.methods.meanshift:MeanShift",
+    "scl": "components.methods.scl:SCL",
 }
 
 

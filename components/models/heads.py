@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -22,3 +23,38 @@ def mlp_head(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, batch_
     if last_bn:
         mods.append(nn.BatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*mods)
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head (Caron et al., ICCV 2021, Sec. 3.1 and App. C).
+
+    A ``layers``-deep MLP (GELU; hidden ``hidden_dim``) to a ``bottleneck_dim`` output, L2
+    normalisation, then a bias-free linear layer to ``out_dim`` whose rows are unit vectors:
+    ``F.linear(x, normalize(V))`` is ``weight_norm(Linear)`` with ``weight_g`` fixed to 1 (the
+    paper's ``norm_last_layer``), written out so the weight stays a plain parameter (no
+    parametrisation in ``state_dict``/``deepcopy``). ``last_layer.weight`` is what DINO freezes
+    during the first epoch.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, layers: int = 3, batch_norm: bool = False):
+        super().__init__()
+        mods: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(layers - 1):
+            mods.append(nn.Linear(dim, hidden_dim))
+            if batch_norm:
+                mods.append(nn.BatchNorm1d(hidden_dim))
+            mods.append(nn.GELU())
+            dim = hidden_dim
+        mods.append(nn.Linear(dim, bottleneck_dim))
+        self.mlp = nn.Sequential(*mods)
+        self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x = F.normalize(self.mlp(x), dim=-1)
+        return F.linear(x, F.normalize(self.last_layer.weight, dim=1))

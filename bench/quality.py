@@ -1,0 +1,340 @@
+"""Quality benchmark: our methods vs the same methods from the ``lightly`` library.
+
+Both sides train on the same scenes shards (written and read back through
+``components.data``), with the same views (our batched recipe of the method), backbone
+(``components.models.backbones``), initialisation seed, optimisation recipe, budget and plain
+PyTorch loop (``components.training.TrainStep``); only the method (heads, loss, memory bank)
+differs. Each trained encoder is judged by weighted kNN top-1 on the val split, beside a
+random-init encoder. Prints a table and JSON (also written with ``--out``).
+
+    python bench/quality.py --methods simclr,nnclr,meanshift,scl --epochs 10   # ~1 h on 2 cores
+    python bench/quality.py --methods byol,mocov3,dino --epochs 10             # self-distillation family
+    python bench/quality.py --quick                                             # smoke test, a few minutes
+
+lightly 1.6 has SimCLR, NNCLR, BYOL and DINO but not MSF, SCL or MoCo v3's loss: those rows
+say so. Without ``pip install lightly`` (the ``bench`` extra) the lightly column says how to get it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from components.data import shards as sh  # noqa: E402
+from components.data.decode import decode_batch  # noqa: E402
+from components.data.scenes import scene_rows  # noqa: E402
+from components.data.views import make_views  # noqa: E402
+from components.evaluation.knn import knn_top1  # noqa: E402
+from components.methods.base import Method  # noqa: E402
+from components.methods.registry import build_method, method_class, method_config  # noqa: E402
+from components.models.backbones import build_backbone  # noqa: E402
+from components.models.embedding import EmbeddingModel  # noqa: E402
+from components.training import TrainStep, prepare_batch  # noqa: E402
+
+# CPU-sized heads and banks, the same for both sides; the papers' optimisers (LARS/SGD).
+SETTINGS = {
+    "simclr": {"proj_hidden_dim": 512, "proj_dim": 128, "temperature": 0.2, "optim": {"lr": 0.6, "warmup_epochs": 1}},
+    "nnclr": {"proj_hidden_dim": 512, "proj_dim": 128, "pred_hidden_dim": 512, "support_set_size": 4096, "temperature": 0.1, "optim": {"lr": 0.6, "warmup_epochs": 1}},
+    "meanshift": {"proj_hidden_dim": 512, "proj_dim": 128, "pred_hidden_dim": 512, "bank_size": 4096, "optim": {"lr": 0.5}},
+    "scl": {"proj_hidden_dim": 512, "proj_dim": 256, "mu": 1.0, "optim": {"lr": 0.5}},
+    # Self-distillation family (ResNet-18 like the rest; short runs: lower base momenta than the
+    # papers' 0.996, MoCo v3 at its ViT temperature 0.2, which learns faster than its ResNet 1.0).
+    "byol": {"proj_hidden_dim": 512, "proj_dim": 128, "pred_hidden_dim": 512, "momentum": 0.99, "optim": {"lr": 1.0, "warmup_epochs": 1}},
+    "mocov3": {"proj_hidden_dim": 512, "proj_dim": 128, "pred_hidden_dim": 512, "temperature": 0.2, "optim": {"lr": 0.6, "warmup_epochs": 1}},
+    "dino": {"hidden_dim": 512, "bottleneck_dim": 128, "out_dim": 4096, "n_local": 4, "momentum": 0.99, "warmup_teacher_temp_epochs": 2,
+             "optim": {"lr": 0.005, "warmup_epochs": 1}},
+}
+QUICK_HEADS = {"proj_hidden_dim": 64, "proj_dim": 32, "pred_hidden_dim": 64, "support_set_size": 256, "bank_size": 256,
+               "hidden_dim": 64, "bottleneck_dim": 32, "out_dim": 256}
+
+
+# ---------------------------------------------------------------- lightly's side
+
+
+def lightly_version() -> str | None:
+    """The installed lightly version, or None."""
+    try:
+        import lightly
+
+        return lightly.__version__
+    except ImportError:
+        return None
+
+
+class LightlyMethod(Method):
+    """A method assembled from lightly's modules behind our contract, so the same loop trains it.
+
+    It takes the views of our method (same data) and our backbone; subclasses add lightly's heads,
+    memory bank and loss.
+    """
+
+    def __init__(self, cfg, views):
+        super().__init__(cfg)
+        self._views = views
+        self.encoder = build_backbone(cfg.backbone)
+
+    @property
+    def views(self):
+        """Our method's view recipe, so both sides see the same kind of data."""
+        return self._views
+
+
+class LightlySimCLR(LightlyMethod):
+    """SimCLR from lightly's projection head and NT-Xent loss."""
+
+    def __init__(self, cfg, views):
+        super().__init__(cfg, views)
+        from lightly.loss import NTXentLoss
+        from lightly.models.modules.heads import SimCLRProjectionHead
+
+        self.projector = SimCLRProjectionHead(self.encoder.feature_dim, cfg.proj_hidden_dim, cfg.proj_dim)
+        self.criterion = NTXentLoss(temperature=cfg.temperature)
+
+    def forward(self, batch):
+        z0 = self.projector(self.encoder(batch["view_0"]))
+        z1 = self.projector(self.encoder(batch["view_1"]))
+        return {"loss": self.criterion(z0, z1)}
+
+
+class LightlyNNCLR(LightlyMethod):
+    """NNCLR as in lightly's example: its heads, NN memory bank and NT-Xent loss."""
+
+    def __init__(self, cfg, views):
+        super().__init__(cfg, views)
+        from lightly.loss import NTXentLoss
+        from lightly.models.modules import NNMemoryBankModule
+        from lightly.models.modules.heads import NNCLRPredictionHead, NNCLRProjectionHead
+
+        self.projector = NNCLRProjectionHead(self.encoder.feature_dim, cfg.proj_hidden_dim, cfg.proj_dim)
+        self.predictor = NNCLRPredictionHead(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim)
+        self.support = NNMemoryBankModule(size=(cfg.support_set_size, cfg.proj_dim))
+        self.criterion = NTXentLoss(temperature=cfg.temperature)
+
+    def forward(self, batch):
+        z0 = self.projector(self.encoder(batch["view_0"]))
+        z1 = self.projector(self.encoder(batch["view_1"]))
+        p0, p1 = self.predictor(z0), self.predictor(z1)
+        nn0 = self.support(z0.detach(), update=False)
+        nn1 = self.support(z1.detach(), update=True)
+        return {"loss": 0.5 * (self.criterion(nn0, p1) + self.criterion(nn1, p0))}
+
+
+class LightlyBYOL(LightlyMethod):
+    """BYOL as in lightly's example: its heads, momentum helpers and negative-cosine loss."""
+
+    def __init__(self, cfg, views):
+        super().__init__(cfg, views)
+        from lightly.loss import NegativeCosineSimilarity
+        from lightly.models.modules.heads import BYOLPredictionHead, BYOLProjectionHead
+
+        self.projector = BYOLProjectionHead(self.encoder.feature_dim, cfg.proj_hidden_dim, cfg.proj_dim)
+        self.predictor = BYOLPredictionHead(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim)
+        self.criterion = NegativeCosineSimilarity()
+
+    def on_train_start(self, steps_per_epoch, total_steps):
+        """Copy the target now: run_one loads the shared initial weights after construction."""
+        from lightly.models.utils import deactivate_requires_grad
+
+        super().on_train_start(steps_per_epoch, total_steps)
+        self.target_encoder, self.target_projector = copy.deepcopy(self.encoder), copy.deepcopy(self.projector)
+        deactivate_requires_grad(self.target_encoder)
+        deactivate_requires_grad(self.target_projector)
+
+    def forward(self, batch):
+        x0, x1 = batch["view_0"], batch["view_1"]
+        p0 = self.predictor(self.projector(self.encoder(x0)))
+        p1 = self.predictor(self.projector(self.encoder(x1)))
+        with torch.no_grad():
+            z0 = self.target_projector(self.target_encoder(x0))
+            z1 = self.target_projector(self.target_encoder(x1))
+        return {"loss": 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))}
+
+    def on_step_end(self, step, total_steps):
+        from lightly.models.utils import update_momentum
+        from lightly.utils.scheduler import cosine_schedule
+
+        m = cosine_schedule(step, total_steps, self.cfg.momentum, 1.0)
+        update_momentum(self.encoder, self.target_encoder, m)
+        update_momentum(self.projector, self.target_projector, m)
+
+
+class LightlyDINO(LightlyMethod):
+    """DINO as in lightly's example: its head (frozen last layer), loss (centring, temperature
+    warm-up by epoch) and momentum helpers; each crop through the backbone on its own."""
+
+    def __init__(self, cfg, views):
+        super().__init__(cfg, views)
+        from lightly.loss import DINOLoss
+        from lightly.models.modules.heads import DINOProjectionHead
+
+        self.student_backbone = self.encoder
+        self.student_head, self.teacher_head = (
+            DINOProjectionHead(self.encoder.feature_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.out_dim,
+                               batch_norm=cfg.head_batch_norm, freeze_last_layer=int(cfg.freeze_last_layer_epochs))
+            for _ in range(2)
+        )
+        self.criterion = DINOLoss(cfg.out_dim, cfg.warmup_teacher_temp, cfg.teacher_temp, int(cfg.warmup_teacher_temp_epochs),
+                                  cfg.student_temp, cfg.center_momentum)
+        self.steps_done = 0
+
+    def on_train_start(self, steps_per_epoch, total_steps):
+        """Copy the teacher from the shared initial weights; like ours, the teacher is the representation."""
+        from lightly.models.utils import deactivate_requires_grad
+
+        super().on_train_start(steps_per_epoch, total_steps)
+        self.teacher_backbone = copy.deepcopy(self.student_backbone)
+        self.teacher_head.load_state_dict(self.student_head.state_dict())  # weight_norm'd heads cannot be deep-copied
+        deactivate_requires_grad(self.teacher_backbone)
+        deactivate_requires_grad(self.teacher_head)
+        self.encoder = self.teacher_backbone
+
+    def forward(self, batch):
+        views = [batch[k] for k in self.views.keys]
+        with torch.no_grad():
+            teacher = [self.teacher_head(self.teacher_backbone(v)) for v in views[:2]]
+        student = [self.student_head(self.student_backbone(v)) for v in views]
+        return {"loss": self.criterion(teacher, student, epoch=self.steps_done // self.steps_per_epoch)}
+
+    def on_after_backward(self, step):
+        self.student_head.cancel_last_layer_gradients(step // self.steps_per_epoch)
+
+    def on_step_end(self, step, total_steps):
+        from lightly.models.utils import update_momentum
+        from lightly.utils.scheduler import cosine_schedule
+
+        m = cosine_schedule(step, total_steps, self.cfg.momentum, 1.0)
+        update_momentum(self.student_backbone, self.teacher_backbone, m)
+        update_momentum(self.student_head, self.teacher_head, m)
+        self.steps_done = step + 1
+
+
+LIGHTLY = {"simclr": LightlySimCLR, "nnclr": LightlyNNCLR, "byol": LightlyBYOL, "dino": LightlyDINO}
+# Not in lightly 1.6, so not compared: MSF, SCL, and MoCo v3 (lightly has its heads, not its loss).
+
+
+# ---------------------------------------------------------------- data, training, evaluation
+
+
+def scenes_images(root: Path, train: int, val: int, size: int, decode_size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Write the scenes splits as shards under ``root`` (once), read them back, decode them."""
+    out = {}
+    for split, count in (("train", train), ("val", val)):
+        uri = str(root / f"scenes-{size}-{count}" / split)
+        if not Path(uri).is_dir():
+            sh.write_shards(scene_rows(0, split, count, size), uri)
+        rows = list(sh.read_rows(uri, columns=["id", "image", "label"]))
+        imgs, keep, _ = decode_batch([r["image"] for r in rows], [r["id"] for r in rows], decode_size)
+        labels = torch.tensor([r["label"] for r, k in zip(rows, keep) if k])
+        out[split] = (torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), labels)
+    return out
+
+
+def train(method: Method, images: torch.Tensor, epochs: int, batch_size: int, seed: int) -> tuple[float, float]:
+    """Train in a plain loop; returns (first-epoch loss, last-epoch loss)."""
+    steps = len(images) // batch_size
+    step = TrainStep(method, batch_size, steps, epochs)
+    g = torch.Generator().manual_seed(seed)  # same batches and views for both sides
+    method.train()
+    losses = []
+    for epoch in range(epochs):
+        perm, total = torch.randperm(len(images), generator=g), 0.0
+        for i in range(steps):
+            views = make_views(images[perm[i * batch_size : (i + 1) * batch_size]], method.views, g)
+            total += step(prepare_batch(views), epoch * steps + i)["loss"]
+        losses.append(total / steps)
+    return losses[0], losses[-1]
+
+
+@torch.no_grad()
+def knn_accuracy(encoder: torch.nn.Module, image_size: int, data: dict, k: int = 20) -> float:
+    """Weighted kNN top-1 (%) of val images against the train split."""
+    model = EmbeddingModel(encoder, image_size).eval()
+    feats = {s: torch.cat([model(x) for x in data[s][0].split(256)]) for s in ("train", "val")}
+    return knn_top1(feats["train"], data["train"][1], feats["val"], data["val"][1], num_classes=int(data["train"][1].max()) + 1, k=k)
+
+
+def run_one(name: str, settings: dict, data: dict, args, side: str) -> dict:
+    """Train and judge one side ('ours' or 'lightly') of one method."""
+    cfg = method_config(name, settings)
+    torch.manual_seed(args.seed)  # identical backbone initialisation on both sides
+    ours = build_method(name, cfg)
+    method = ours
+    if side == "lightly":
+        method = LIGHTLY[name](cfg, ours.views)
+        method.encoder.load_state_dict(ours.encoder.state_dict())
+    t0 = time.monotonic()
+    first, last = train(method, data["train"][0], args.epochs, args.batch_size, args.seed)
+    return {"knn_top1": knn_accuracy(method.encoder, cfg.image_size, data), "loss_first": first, "loss_last": last, "seconds": time.monotonic() - t0}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default="simclr,nnclr,meanshift,scl", help="comma-separated registry names")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--train-images", type=int, default=2000)
+    ap.add_argument("--val-images", type=int, default=500)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--image-size", type=int, default=32, help="side of the training views")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-dir", default=None, help="where the scenes shards are cached (default: a temp folder)")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 256 images, 16 px, 1 epoch, tiny heads")
+    args = ap.parse_args()
+    if args.quick:
+        args.epochs, args.train_images, args.val_images, args.batch_size, args.image_size = 1, 256, 128, 64, 16
+    torch.set_num_threads(os.cpu_count() or 1)
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in SETTINGS]
+    if unknown:
+        print(f"quality.py: no benchmark settings for {', '.join(unknown)} (known: {', '.join(SETTINGS)})", file=sys.stderr)
+        return 2
+
+    version = lightly_version()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = scenes_images(Path(args.data_dir or tmp), args.train_images, args.val_images, 64, max(args.image_size, 32))
+        results: dict = {"config": {k: v for k, v in vars(args).items()}, "lightly": version, "methods": {}}
+        torch.manual_seed(args.seed)
+        floor = build_method("simclr", {"image_size": args.image_size}).encoder
+        results["random_init_knn_top1"] = knn_accuracy(floor, args.image_size, data)
+        for name in names:
+            settings = {**SETTINGS[name], "image_size": args.image_size}
+            if args.quick:
+                settings.update({k: v for k, v in QUICK_HEADS.items() if k in method_class(name).Config.model_fields})
+            row = {"ours": run_one(name, settings, data, args, "ours")}
+            if version is None:
+                row["lightly"] = "lightly is not installed: pip install lightly (the 'bench' extra)"
+            elif name not in LIGHTLY:
+                row["lightly"] = f"not in lightly {version}"
+            else:
+                row["lightly"] = run_one(name, settings, data, args, "lightly")
+            results["methods"][name] = row
+            print(f"[quality] {name}: ours {row['ours']['knn_top1']:.1f}%"
+                  + (f", lightly {row['lightly']['knn_top1']:.1f}%" if isinstance(row["lightly"], dict) else ""), flush=True)
+
+    print(f"\nkNN top-1 (%) on scenes val, {args.epochs} epochs x {args.train_images} images, {args.image_size} px, resnet18; "
+          f"random init: {results['random_init_knn_top1']:.1f}")
+    print(f"{'method':<10} {'reprflow':>9} {'lightly':>9}   notes")
+    for name, row in results["methods"].items():
+        theirs = row["lightly"]
+        cell = f"{theirs['knn_top1']:9.1f}" if isinstance(theirs, dict) else f"{'-':>9}"
+        note = "" if isinstance(theirs, dict) else theirs
+        print(f"{name:<10} {row['ours']['knn_top1']:9.1f} {cell}   {note}")
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
