@@ -9,6 +9,7 @@ config never resumes another config's checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -26,6 +27,23 @@ STATE_FILE = "state.pt"
 # Local mode runs the train function in the driver process, whose Ray Train context is global:
 # two local-mode fits must not overlap (distributed fits run in their own actors and may).
 _LOCAL_MODE_LOCK = threading.Lock()
+_SLOTS: threading.BoundedSemaphore | None = None
+_SLOTS_LOCK = threading.Lock()
+
+
+def _training_slots(workers: int, cpus_per_worker: float) -> threading.BoundedSemaphore:
+    """How many distributed fits may run at once without starving Ray Data of CPUs.
+
+    Two CPUs stay free for the data path; the rest is shared by concurrent worker groups.
+    """
+    global _SLOTS
+    import ray
+
+    with _SLOTS_LOCK:
+        if _SLOTS is None:
+            total = ray.cluster_resources().get("CPU", 1)
+            _SLOTS = threading.BoundedSemaphore(max(1, int((total - 2) // max(1.0, workers * cpus_per_worker))))
+        return _SLOTS
 
 
 def save_state(path: Path, method, step: TrainStep, epoch: int, global_step: int, history: list[dict], meta: dict) -> None:
@@ -82,6 +100,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch, global_step, history = state["epoch"], state["global_step"], state["history"]
         if rank == 0:
             print(f"[train {config['method']}] resumed from epoch {start_epoch} (step {global_step})", flush=True)
+    elif config.get("warm_start_path"):
+        # Warm start (retraining): continue from another run's weights, buffers and optimizer
+        # moments, but with a fresh epoch counter and learning-rate schedule.
+        state = load_state(Path(config["warm_start_path"]))
+        method.load_state_dict(state["method"])
+        step.load_state_dict(state["optim"])
+        if rank == 0:
+            print(f"[train {config['method']}] warm start from {config['warm_start_path']} (its epoch {state['epoch']}); schedule restarts", flush=True)
 
     shard = ray.train.get_dataset_shard("train")
     fail_after = config.get("fail_after_epoch")
@@ -103,7 +129,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   f"lr {epoch_metrics.get('lr', 0):.4f} {epoch_metrics['images_per_s']:.0f} img/s ({n} steps, {seconds:.0f}s)", flush=True)
         last = epoch + 1 == config["epochs"]
         if last or (epoch + 1) % config["checkpoint_every"] == 0:
-            with tempfile.TemporaryDirectory() as tmp:
+            # Ray Train's local mode (num_workers=0) keeps only a reference to the reported
+            # folder instead of copying it, so there the checkpoint goes to a folder that stays
+            # (in the run folder, where latest_local_checkpoint finds it after a driver crash).
+            keep = config.get("local_checkpoint_dir")
+            folder = Path(keep) / f"checkpoint_epoch{epoch + 1:06d}" if keep else None
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+            with contextlib.nullcontext(str(folder)) if folder is not None else tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
                 if rank == 0:
                     save_state(Path(tmp) / STATE_FILE, method, step, epoch + 1, global_step, history, {"method": config["method"], "settings": config["settings"]})
@@ -132,11 +165,14 @@ def latest_local_checkpoint(run_dir: Path) -> Path | None:
     return best
 
 
-def run_trainer(*, key: str, method: str, settings: dict, train, rows: int, files: list[str], storage: Path, seed: int, views, out_dir: Path) -> dict:
+def run_trainer(*, key: str, method: str, settings: dict, train, rows: int, files: list[str], storage: Path, seed: int, views, out_dir: Path,
+                warm_start: str | Path | None = None) -> dict:
     """Fit a TorchTrainer for one method and copy its final state into ``out_dir``.
 
     Returns ``{"history": [...], "state": path}``. Resumes from the newest checkpoint of a
-    previous attempt of the same key (driver crash) or of this fit (worker crash).
+    previous attempt of the same key (driver crash) or of this fit (worker crash); otherwise
+    ``warm_start`` (a ``state.pt``) gives the starting weights and optimizer state, with the
+    epoch counter and schedule restarted (retraining from a champion).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -152,7 +188,9 @@ def run_trainer(*, key: str, method: str, settings: dict, train, rows: int, file
         "method": method, "settings": settings, "seed": seed, "threads": threads,
         "use_gpu": train.use_gpu, "batch_size": train.batch_size, "epochs": train.epochs, "rows": rows,
         "checkpoint_every": train.checkpoint_every_epochs,
+        "local_checkpoint_dir": str(ray_results / name) if train.num_workers == 0 else None,
         "resume_path": str(resume) if resume else None,
+        "warm_start_path": str(warm_start) if warm_start else None,
         "fail_after_epoch": int(fail_after) if fail_after else None,
     }
     ds = views_dataset(files, views, train.decode_size, train.data_batch_size, seed)
@@ -168,10 +206,8 @@ def run_trainer(*, key: str, method: str, settings: dict, train, rows: int, file
         ),
         datasets={"train": ds},
     )
-    if train.num_workers == 0:
-        with _LOCAL_MODE_LOCK:
-            result = trainer.fit()
-    else:
+    lock = _LOCAL_MODE_LOCK if train.num_workers == 0 else _training_slots(train.num_workers, train.cpus_per_worker)
+    with lock:
         result = trainer.fit()
     final = None
     if result.checkpoint is not None:

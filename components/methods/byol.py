@@ -35,7 +35,7 @@ class BYOLConfig(MethodConfig):
 
 
 class BYOL(Method):
-    """Online encoder + projector + predictor; the target (EMA) regresses nothing and gets no gradient."""
+    """Online encoder + projector + predictor; the target (their EMA, without the predictor) gets no gradient."""
 
     name = "byol"
     Config = BYOLConfig

@@ -5,7 +5,7 @@ teacher:  EMA(backbone) -> EMA(head), on the 2 global crops only   (0.996 -> 1 a
 loss:     H(P_t(x), P_s(x')) over all pairs of different views (Eq. 3), teacher centred (EMA of
           its batch mean, momentum 0.9, over all ranks) and sharpened (tau_t 0.04 -> 0.07)
 extras:   the head's last layer is frozen in the first epoch; AdamW with weight decay 0.04 -> 0.4.
-The representation is the teacher's backbone, which the paper evaluates (Sec. 5.2).
+The representation is the teacher's backbone, which the paper evaluates (it outperforms the student).
 """
 
 from __future__ import annotations
