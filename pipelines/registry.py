@@ -60,8 +60,8 @@ def gate(
     client.set_model_version_tag(name, version, TAG_EVAL_FP, eval_fingerprint)
     champ = current_alias(client, name, alias)
     champ_score: float | None = None
-    if champ is not None and champ.version == str(version):
-        return Decision(str(version), True, score, score, champ.version, "already the champion")
+    if champ is not None and str(champ.version) == str(version):
+        return Decision(str(version), True, score, score, str(champ.version), "already the champion")
     if champ is not None:
         tags = champ.tags or {}
         if tags.get(TAG_EVAL_FP) == eval_fingerprint and tags.get(TAG_METRIC) == metric and TAG_SCORE in tags:
@@ -69,15 +69,15 @@ def gate(
         elif rescore is not None:
             champ_score = rescore(champ)
         else:
-            decision = Decision(str(version), False, score, None, champ.version, "champion was measured on other eval data and cannot be re-measured")
+            decision = Decision(str(version), False, score, None, str(champ.version), "champion was measured on other eval data and cannot be re-measured")
             _record(client, name, version, decision)
             return decision
     if champ is None:
         decision = Decision(str(version), True, score, None, None, "no champion yet")
     elif score > champ_score + min_improvement:
-        decision = Decision(str(version), True, score, champ_score, champ.version, f"val {metric} {score:.2f} > champion {champ_score:.2f} + {min_improvement}")
+        decision = Decision(str(version), True, score, champ_score, str(champ.version), f"val {metric} {score:.2f} > champion {champ_score:.2f} + {min_improvement}")
     else:
-        decision = Decision(str(version), False, score, champ_score, champ.version, f"val {metric} {score:.2f} <= champion {champ_score:.2f} + {min_improvement}")
+        decision = Decision(str(version), False, score, champ_score, str(champ.version), f"val {metric} {score:.2f} <= champion {champ_score:.2f} + {min_improvement}")
     if decision.promoted:
         client.set_registered_model_alias(name, alias, str(version))
     _record(client, name, version, decision)
