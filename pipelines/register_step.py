@@ -9,8 +9,9 @@ import mlflow
 import numpy as np
 from safetensors.torch import save_file
 
+from pipelines import watermark as wm
 from pipelines.dag import StepContext, StepResult
-from pipelines.registry import gate
+from pipelines.registry import current_alias, gate
 from pipelines.steps import EncoderBuilder
 
 
@@ -21,10 +22,11 @@ def model_name(pipeline: str, method: str) -> str:
 
 def register_step(ctx: StepContext) -> StepResult:
     """Log model + encoder weights + full training state; register; move the alias on a win."""
+    from pipelines.alias import alias_lock, record_move
+
     s = ctx.step.settings
     run = ctx.run
     client = run.tracker.client
-    run_id = run.tracker.child_ids[ctx.step.name]
     train_out = ctx.inputs[s["train_step"]].outputs
     scores = ctx.inputs[s["evaluate_step"]].outputs["metrics"]
     metric = s["selection_metric"]
@@ -32,30 +34,51 @@ def register_step(ctx: StepContext) -> StepResult:
     if score is None:
         raise RuntimeError(f"evaluation produced no val_{metric}; the eval dataset needs a val split")
     name = model_name(s["pipeline"], s["method"])
+    data = ctx.inputs[s["dataset_step"]].outputs if s.get("dataset_step") else None
+    mv = log_version(
+        ctx, name=name, method=s["method"], settings=s["settings"], state=train_out["state"], decode_size=s["decode_size"],
+        description=_description(run, s, scores),
+        tags={"reprflow.pipeline_run": run.tracker.parent_id, "reprflow.config_hash": run.config_hash, "reprflow.data_fingerprint": s["train_fingerprint"], "reprflow.code_version": run.code_version},
+        watermark=wm.compute(data["root"], data["files"]["train"]) if data else None,
+    )
+    with alias_lock(client, name):
+        previous = current_alias(client, name, s["alias"])
+        decision = gate(client, name, mv.version, score, metric, s["eval_fingerprint"], alias=s["alias"], min_improvement=s["min_improvement"])
+        if decision.promoted and decision.reason != "already the champion":
+            record_move(client, name, s["alias"], str(mv.version), previous.version if previous else None, "promoted", decision.reason)
+    verdict = "promoted to" if decision.promoted else "did not take"
+    print(f"[register] {name} v{mv.version}: {verdict} @{s['alias']} ({decision.reason})", flush=True)
+    outputs = {"name": name, "version": str(mv.version), "promoted": decision.promoted, "reason": decision.reason,
+               "champion_version": decision.champion_version, "model_uri": f"models:/{name}/{mv.version}"}
+    return StepResult(outputs=outputs, metrics={f"val_{metric}": score, "promoted": float(decision.promoted)}, params={"registered_model": name, "version": mv.version})
 
-    model = EncoderBuilder(s["method"], s["settings"], train_out["state"], 0)().eval()
-    size = s["decode_size"]
-    example = np.random.default_rng(0).integers(0, 256, size=(2, 3, size, size), dtype=np.uint8)
-    meta = {"method": s["method"], "settings": s["settings"], "image_size": model.image_size, "input": f"uint8 (N, 3, {size}, {size}) RGB"}
+
+def log_version(ctx: StepContext, *, name: str, method: str, settings: dict, state: str, decode_size: int, description: str,
+                tags: dict[str, str], watermark: dict | None = None):
+    """Log the shippable model, ``encoder/`` (safetensors + config.json), ``training_state/`` and
+    the data watermark in the step's run, and create a READY model version of ``name``."""
+    client = ctx.run.tracker.client
+    run_id = ctx.run.tracker.child_ids[ctx.step.name]
+    model = EncoderBuilder(method, settings, state, 0)().eval()
+    example = np.random.default_rng(0).integers(0, 256, size=(2, 3, decode_size, decode_size), dtype=np.uint8)
+    meta = {"method": method, "settings": settings, "image_size": model.image_size, "decode_size": decode_size,
+            "input": f"uint8 (N, 3, {decode_size}, {decode_size}) RGB"}
     (ctx.out_dir / "encoder").mkdir()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ctx.out_dir / "encoder" / "model.safetensors"))
     (ctx.out_dir / "encoder" / "config.json").write_text(json.dumps(meta, indent=2))
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(model, name="model", input_example=example, serialization_format="pt2")
         mlflow.log_artifacts(str(ctx.out_dir / "encoder"), "encoder")
-        mlflow.log_artifact(train_out["state"], "training_state")
-    description = _description(run, s, scores)
-    mv = client.create_model_version(
-        name=_ensure_model(client, name), source=info.model_uri, run_id=run_id, description=description,
-        tags={"reprflow.pipeline_run": run.tracker.parent_id, "reprflow.config_hash": run.config_hash, "reprflow.data_fingerprint": s["train_fingerprint"], "reprflow.code_version": run.code_version},
-    )
+        mlflow.log_artifact(state, "training_state")
+    if watermark is not None:
+        wm.log(client, run_id, watermark)
+    # model_id ties the version to the logged model; an MLflow server refuses a models:/ source without it.
+    mv = client.create_model_version(name=_ensure_model(client, name), source=info.model_uri, run_id=run_id, description=description, tags=tags,
+                                     model_id=info.model_id)
     _wait_ready(client, name, mv.version)
-    decision = gate(client, name, mv.version, score, metric, s["eval_fingerprint"], alias=s["alias"], min_improvement=s["min_improvement"])
-    verdict = "promoted to" if decision.promoted else "did not take"
-    print(f"[register] {name} v{mv.version}: {verdict} @{s['alias']} ({decision.reason})", flush=True)
-    outputs = {"name": name, "version": str(mv.version), "promoted": decision.promoted, "reason": decision.reason,
-               "champion_version": decision.champion_version, "model_uri": f"models:/{name}/{mv.version}"}
-    return StepResult(outputs=outputs, metrics={f"val_{metric}": score, "promoted": float(decision.promoted)}, params={"registered_model": name, "version": mv.version})
+    if watermark is not None:
+        wm.tag_version(client, name, mv.version, watermark)
+    return mv
 
 
 def _ensure_model(client, name: str) -> str:

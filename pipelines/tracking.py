@@ -19,6 +19,13 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 MAX_PARAM_LEN = 6000
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+UI_DEFAULT = "http://127.0.0.1:5000"
+
+
+def runs_table_url(base: str, experiment_id: str) -> str:
+    """The MLflow UI URL of an experiment's runs table (not MLflow 3's GenAI overview page)."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&compareRunsMode=TABLE"
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -61,6 +68,9 @@ class Tracker:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             self.experiment_id = exp.experiment_id
+        if exp is None or EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+            # MLflow 3 opens untagged experiments on its GenAI overview; this marks ours as model training.
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
         self.experiment = experiment
         self.parent_id: str | None = None
         self.child_ids: dict[str, str] = {}
@@ -117,6 +127,6 @@ class Tracker:
 
     def run_url(self, run_id: str | None = None) -> str:
         """Where a person finds the run in the MLflow UI (started with ``reprflow ui``)."""
-        base = self.uri if self.uri.startswith("http") else "http://127.0.0.1:5000"
+        base = self.uri if self.uri.startswith("http") else UI_DEFAULT
         rid = run_id or self.parent_id
         return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{rid}"
