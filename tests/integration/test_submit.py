@@ -120,18 +120,24 @@ def head(tmp_path_factory):
         mlflow_log.close()
 
 
-def test_token_is_required_and_a_wrong_one_is_refused(head, monkeypatch, capsys, tmp_path):
-    empty = tmp_path / "empty-token"
-    empty.write_text("")
-    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(empty))
-    assert main(["jobs", "--address", head["address"]]) == 2
-    err = capsys.readouterr().err
-    assert "requires a token and none was sent" in err and "RAY_AUTH_TOKEN" in err
-    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
-    assert main(["jobs", "--address", head["address"]]) == 2
-    assert "refused the token" in capsys.readouterr().err
+def test_token_is_required_and_a_wrong_one_is_refused(head, monkeypatch, tmp_path):
+    # A fresh process with a clean environment and HOME (no ~/.ray/auth_token): what a user's shell
+    # sees. (In this pytest process the session's ray.init has switched Ray's client to token mode.)
+    script = (
+        "import os, sys\n"
+        "from pipelines.cli import main\n"
+        f"r1 = main(['jobs', '--address', '{head['address']}'])\n"
+        "os.environ['RAY_AUTH_TOKEN'] = 'not-the-token'\n"
+        f"r2 = main(['jobs', '--address', '{head['address']}'])\n"
+        "print('EXIT', r1, r2)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | {"HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert "EXIT 2 2" in out.stdout, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("reprflow: error:")]
+    assert len(errors) == 2
+    assert "requires a token and none was sent" in errors[0] and "RAY_AUTH_TOKEN" in errors[0]
+    assert "refused the token" in errors[1] and "ray get-auth-token" in errors[1]
     monkeypatch.setenv("RAY_AUTH_TOKEN", head["token"])
     assert main(["jobs", "--address", head["address"]]) == 0
 
