@@ -30,7 +30,6 @@ import os
 import shutil
 import tempfile
 import time
-import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,7 +221,7 @@ def retrain(cfg: PipelineConfig, output: Path | None = None, wait_seconds: float
 
     Returns ``{"status": "no-op" | "done", "methods": {method: {...decision...}}}``.
     """
-    from pipelines.run import PipelineRun, _log_result, build_dag, init_ray, lineage_tags
+    from pipelines.run import PipelineRun, build_dag, init_ray, step_events
     from pipelines.steps import embed_step, evaluate_step
 
     t0 = time.monotonic()
@@ -285,7 +284,7 @@ def retrain(cfg: PipelineConfig, output: Path | None = None, wait_seconds: float
         tracker.log_text(parent, config_text or json.dumps(cfg_json, indent=2), "pipeline.yaml" if config_text else "pipeline.json")
         print(f"[retrain] pipeline '{cfg.name}': {', '.join(f'{p.name} v{p.champion.version} + {len(p.new)} new shards' for p in todo)}; MLflow run {parent}", flush=True)
         init_ray(cfg)
-        runner = Runner(dag, storage, run, on_event=_events(tracker, storage, lambda: runner.results, _log_result, lineage_tags))
+        runner = Runner(dag, storage, run, on_event=step_events(tracker, storage, lambda: runner.results))
         try:
             results = runner.run_all()
         except BaseException:
@@ -328,30 +327,3 @@ def retrain(cfg: PipelineConfig, output: Path | None = None, wait_seconds: float
                 "wall_seconds": time.monotonic() - t0}
 
 
-def _events(tracker: Tracker, storage: Path, results, log_result, lineage_tags):
-    """Progress lines and one MLflow child run per step (as ``reprflow run`` does)."""
-
-    def on_event(event: str, step: Step, info: dict) -> None:
-        tags = {"reprflow.step_key": step.key, "reprflow.step_kind": step.kind, **lineage_tags(step, results())}
-        if event == "start":
-            print(f"[step] {step.name} started", flush=True)
-            tracker.start_child(step.name, tags)
-        elif event == "cached":
-            print(f"[step] {step.name} cached ({step.key}), skipped", flush=True)
-            rid = tracker.start_child(step.name, {**tags, "reprflow.cached": "true"})
-            log_result(tracker, rid, step, info["result"], storage)
-            tracker.finish(rid)
-        elif event == "done":
-            print(f"[step] {step.name} done in {info['seconds']:.0f}s", flush=True)
-            rid = tracker.child_ids[step.name]
-            tracker.log_metrics(rid, {"step_seconds": info["seconds"]})
-            log_result(tracker, rid, step, info["result"], storage)
-            tracker.finish(rid)
-        elif event == "failed":
-            rid = tracker.child_ids.get(step.name)
-            if rid:
-                tracker.set_tags(rid, {"reprflow.error": repr(info["error"])[:4000]})
-                tracker.log_text(rid, "".join(traceback.format_exception(info["error"])), "error.txt")
-                tracker.finish(rid, "FAILED")
-
-    return on_event

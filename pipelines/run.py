@@ -137,8 +137,33 @@ def run_pipeline(cfg: PipelineConfig, output: Path | None = None, force: bool = 
     tracker.log_text(parent, config_text or json.dumps(cfg_json, indent=2), "pipeline.yaml" if config_text else "pipeline.json")
     print(f"[reprflow] pipeline '{cfg.name}': {len(dag.steps)} steps; MLflow run {parent} ({cfg.tracking_uri()})", flush=True)
 
+    runner = Runner(dag, storage, run, force=force, on_event=step_events(tracker, storage, lambda: runner.results))
+    for name in dag.steps:
+        if dag.steps[name].kind == "register":
+            dag.steps[name].still_valid = lambda result: registered_version_exists(run, result)
+    try:
+        results = runner.run_all()
+    except BaseException:
+        tracker.finish(parent, "FAILED")
+        raise
+    table = comparison_table(cfg, dag, results, tracker, table_steps)
+    table["wall_seconds"] = time.monotonic() - t0
+    write_report(table, output, tracker, parent)
+    tracker.finish(parent)
+    table["output"] = str(output)
+    table["mlflow_url"] = tracker.run_url(parent)
+    return table
+
+
+def step_events(tracker: Tracker, storage: Path, results):
+    """The Runner's event callback: progress lines and one MLflow child run per step.
+
+    ``results()`` returns the finished steps' results (for lineage tags). Shared by
+    ``reprflow run`` and ``reprflow retrain``.
+    """
+
     def on_event(event: str, step: Step, info: dict) -> None:
-        tags = {"reprflow.step_key": step.key, "reprflow.step_kind": step.kind, **lineage_tags(step, runner.results)}
+        tags = {"reprflow.step_key": step.key, "reprflow.step_kind": step.kind, **lineage_tags(step, results())}
         if event == "start":
             print(f"[step] {step.name} started", flush=True)
             tracker.start_child(step.name, tags)
@@ -160,22 +185,7 @@ def run_pipeline(cfg: PipelineConfig, output: Path | None = None, force: bool = 
                 tracker.log_text(rid, "".join(traceback.format_exception(info["error"])), "error.txt")
                 tracker.finish(rid, "FAILED")
 
-    runner = Runner(dag, storage, run, force=force, on_event=on_event)
-    for name in dag.steps:
-        if dag.steps[name].kind == "register":
-            dag.steps[name].still_valid = lambda result: registered_version_exists(run, result)
-    try:
-        results = runner.run_all()
-    except BaseException:
-        tracker.finish(parent, "FAILED")
-        raise
-    table = comparison_table(cfg, dag, results, tracker, table_steps)
-    table["wall_seconds"] = time.monotonic() - t0
-    write_report(table, output, tracker, parent)
-    tracker.finish(parent)
-    table["output"] = str(output)
-    table["mlflow_url"] = tracker.run_url(parent)
-    return table
+    return on_event
 
 
 def lineage_tags(step: Step, results: dict[str, StepResult]) -> dict[str, str]:
