@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -52,11 +53,26 @@ def code_version() -> str:
         return "unknown"
 
 
+def set_tracking_uri_keeping_env(tracking_uri: str) -> None:
+    """Point MLflow's fluent API at ``tracking_uri`` without leaking it into ``os.environ``.
+
+    MLflow 3's ``set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``; a later pipeline in the
+    same process (retrain after run, tests) would then silently record into the first store,
+    because the environment variable wins over the pipeline file.
+    """
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 class Tracker:
     """Creates the experiment, the parent run and child runs; logs results of steps."""
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path | None):
-        mlflow.set_tracking_uri(tracking_uri)
+        set_tracking_uri_keeping_env(tracking_uri)
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)

@@ -128,3 +128,20 @@ def test_model_uris():
     assert parse_model_uri("models:/quickstart-simclr/3") == ("quickstart-simclr", "3", None)
     with pytest.raises(ReprflowError, match="expected models:/NAME@ALIAS"):
         parse_model_uri("runs:/abc/model")
+
+
+def test_opening_a_tracker_does_not_export_its_store_to_the_environment(tmp_path, monkeypatch):
+    """MLflow's set_tracking_uri exports MLFLOW_TRACKING_URI; a second pipeline in the same
+    process would then record into the first one's store."""
+    import os
+
+    from pipelines.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    Tracker(f"sqlite:///{tmp_path / 'a.db'}", "exp-a", tmp_path / "art")
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    second = parse_config(tiny_config(tmp_path / "b"))
+    assert second.tracking_uri() == f"sqlite:///{second.storage_path() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    Tracker(f"sqlite:///{tmp_path / 'a.db'}", "exp-a", tmp_path / "art")
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999"
