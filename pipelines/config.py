@@ -15,7 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from components.errors import ReprflowError
-from components.methods.registry import method_config
+from components.methods.registry import method_class, method_config
+from components.tokenizers.registry import TEXT_TOKENIZERS, tokenizer_kind
 
 METRICS = ("knn_top1", "linear_top1")
 
@@ -98,6 +99,20 @@ class MethodSpec(_Strict):
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of the top-level 'train' section")
 
 
+class TokenizerSpec(_Strict):
+    """A tokenizer trained as a DAG step (``tokenizer[<name>]``) and registered like a model.
+
+    ``kind`` is an image tokenizer method (e.g. ``dvae``, ``vqkd``: trained by the generic Ray
+    Train loop, ``train`` overriding the train section) or a text tokenizer (e.g. ``wordpiece``:
+    fitted on the captions of ``dataset``'s train split).
+    """
+
+    kind: str
+    settings: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict, description="image tokenizers: overrides of the top-level 'train' section")
+    dataset: str | None = Field(None, description="dataset whose train split it is fitted on; default: train.dataset")
+
+
 class RegisterSpec(_Strict):
     """Registration policy: model ``<pipeline>-<method>``, alias moved only on a win (val split)."""
 
@@ -134,6 +149,7 @@ class PipelineConfig(_Strict):
     datasets: dict[str, DatasetSpec] = Field(default_factory=lambda: {"scenes": DatasetSpec()})
     train: TrainSpec = Field(default_factory=TrainSpec)
     methods: list[MethodSpec] = Field(min_length=1)
+    tokenizers: dict[str, TokenizerSpec] = Field(default_factory=dict, description="tokenizers trained as steps; methods refer to them by name")
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     registration: RegisterSpec = Field(default_factory=RegisterSpec, alias="register")
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
@@ -158,7 +174,16 @@ class PipelineConfig(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise _FieldError("methods", f"method(s) listed twice: {', '.join(sorted(dup))}")
+        for name, tok in self.tokenizers.items():
+            if name in names:
+                raise _FieldError(f"tokenizers.{name}", f"'{name}' is also a method name; references would be ambiguous")
+            if tok.dataset is not None and tok.dataset not in self.datasets:
+                raise _FieldError(f"tokenizers.{name}.dataset", f"dataset '{tok.dataset}' is not defined under 'datasets'")
         return self
+
+    def tokenizer_dataset(self, name: str) -> str:
+        """The dataset a tokenizer is fitted on."""
+        return self.tokenizers[name].dataset or self.train.dataset
 
     @model_validator(mode="after")
     def _brief_fits(self):
@@ -169,8 +194,8 @@ class PipelineConfig(_Strict):
                               f"(train.decode_size); use at most {size - 8}")
         return self
 
-    def method_train(self, spec: MethodSpec) -> TrainSpec:
-        """The train section with the method's overrides applied (validated)."""
+    def method_train(self, spec: "MethodSpec | TokenizerSpec") -> TrainSpec:
+        """The train section with the method's (or image tokenizer's) overrides applied (validated)."""
         merged = {**self.train.model_dump(), **spec.train}
         return TrainSpec.model_validate(merged)
 
@@ -248,12 +273,95 @@ def parse_config(data: Any, source: str = "pipeline", overrides: list[str] | Non
     for i, spec in enumerate(cfg.methods):
         _check_known(spec.name, source, i)
         method_config(spec.name, spec.settings, where=f"{source}: methods[{i}].settings")
+        if method_class(spec.name).is_tokenizer:
+            raise ReprflowError(f"{source}: methods[{i}].name: '{spec.name}' is a tokenizer; declare it under 'tokenizers:' "
+                                f"(e.g. tokenizers: {{my-{spec.name}: {{kind: {spec.name}}}}}) and refer to it by name")
         try:
             cfg.method_train(spec)
         except ValidationError as exc:
             err = exc.errors()[0]
             raise ReprflowError(f"{source}: methods[{i}].train.{_dotted(tuple(err['loc']))}: {err['msg']}") from None
+    for name, tok in cfg.tokenizers.items():
+        try:
+            sort = tokenizer_kind(tok.kind)
+        except ReprflowError as exc:
+            raise ReprflowError(f"{source}: tokenizers.{name}.kind: {exc}") from None
+        if sort == "image":
+            method_config(tok.kind, tok.settings, where=f"{source}: tokenizers.{name}.settings")
+            try:
+                cfg.method_train(tok)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                raise ReprflowError(f"{source}: tokenizers.{name}.train.{_dotted(tuple(err['loc']))}: {err['msg']}") from None
+    reference_graph(cfg, source)
     return cfg
+
+
+def references_of(cfg: PipelineConfig) -> dict[tuple[str, str], dict[str, str]]:
+    """``{(sort, name): {field: value}}`` for every method ("method") and image tokenizer
+    ("tokenizer") with references set (``Method.references``); values as written."""
+    out: dict[tuple[str, str], dict[str, str]] = {}
+    nodes = [("method", m.name, m.name, m.settings) for m in cfg.methods]
+    nodes += [("tokenizer", n, t.kind, t.settings) for n, t in cfg.tokenizers.items() if t.kind not in _text_kinds()]
+    for sort, name, kind, settings in nodes:
+        cls = method_class(kind)
+        if not cls.references:
+            continue
+        validated = method_config(kind, settings)
+        refs = {f: getattr(validated, f) for f in cls.references if getattr(validated, f, None)}
+        if refs:
+            out[(sort, name)] = refs
+    return out
+
+
+def reference_target(cfg: PipelineConfig, value: str) -> tuple[str, str] | None:
+    """What a reference points at: ("method", name), ("tokenizer", name), or None for a models:/ URI."""
+    if value.startswith("models:/"):
+        return None
+    if value in {m.name for m in cfg.methods}:
+        return ("method", value)
+    if value in cfg.tokenizers:
+        return ("tokenizer", value)
+    raise KeyError(value)
+
+
+def reference_graph(cfg: PipelineConfig, source: str = "pipeline") -> dict[tuple[str, str], dict[str, tuple[str, str] | None]]:
+    """Resolve every reference; a ReprflowError names the field of an unknown target or a cycle."""
+    where = {("method", m.name): f"methods[{i}].settings" for i, m in enumerate(cfg.methods)}
+    where.update({("tokenizer", n): f"tokenizers.{n}.settings" for n in cfg.tokenizers})
+    graph: dict[tuple[str, str], dict[str, tuple[str, str] | None]] = {}
+    for node, refs in references_of(cfg).items():
+        graph[node] = {}
+        for fld, value in refs.items():
+            try:
+                graph[node][fld] = reference_target(cfg, value)
+            except KeyError:
+                raise ReprflowError(
+                    f"{source}: {where[node]}.{fld}: '{value}' is neither a method ({', '.join(m.name for m in cfg.methods)}) "
+                    f"nor a tokenizer ({', '.join(cfg.tokenizers) or 'none'}) of this pipeline, nor a models:/NAME@ALIAS URI") from None
+            if graph[node][fld] == node:
+                raise ReprflowError(f"{source}: {where[node]}.{fld}: '{value}' refers to itself")
+    state: dict[tuple[str, str], int] = {}
+
+    def visit(node, path):
+        if state.get(node) == 2:
+            return
+        if state.get(node) == 1:
+            cycle = " -> ".join(f"{s}[{n}]" for s, n in [*path, node])
+            raise ReprflowError(f"{source}: {where[path[0]]}: references form a cycle: {cycle}")
+        state[node] = 1
+        for target in graph.get(node, {}).values():
+            if target is not None:
+                visit(target, [*path, node])
+        state[node] = 2
+
+    for node in graph:
+        visit(node, [])
+    return graph
+
+
+def _text_kinds() -> set[str]:
+    return set(TEXT_TOKENIZERS)
 
 
 def _check_known(name: str, source: str, i: int) -> None:

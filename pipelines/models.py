@@ -209,3 +209,27 @@ def embed_registered_step(ctx: StepContext) -> StepResult:
         np.savez(path, ids=ids.astype(str), labels=labels, feats=feats.astype(np.float32))
         outputs[split] = str(path)
     return StepResult(outputs=outputs, params={"representation": s["label"], "model_uri": s["model_uri"]})
+
+
+def upstream_from_registry(client, uri: str, dest: Path):
+    """A ``models:/`` reference as an :class:`~components.methods.base.Upstream`: downloads the
+    version's training state (an encoder registered by a pipeline) or its ``tokenizer/`` folder
+    into ``dest``; nothing is unpickled (states load with ``weights_only``)."""
+    from components.methods.base import Upstream
+
+    mv = resolve_version(client, uri)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    artifacts = {a.path for a in client.list_artifacts(mv.run_id)}
+    if "tokenizer" in artifacts:
+        local = Path(client.download_artifacts(mv.run_id, "tokenizer", str(dest)))
+        meta = json.loads((local / "tokenizer.json").read_text())
+        return Upstream(kind="tokenizer", name=meta["kind"], settings=meta["settings"],
+                        state_path=str(local / meta["state"]) if meta.get("state") else None,
+                        files={k: str(local / v) for k, v in meta["files"].items()})
+    if ENCODER_DIR not in artifacts or "training_state" not in artifacts:
+        raise ReprflowError(f"{uri}: version {mv.version} has neither 'tokenizer/' nor 'encoder/' + 'training_state/' artifacts; was it registered by reprflow?")
+    config = json.loads(Path(client.download_artifacts(mv.run_id, f"{ENCODER_DIR}/config.json", str(dest))).read_text())
+    state_dir = Path(client.download_artifacts(mv.run_id, "training_state", str(dest)))
+    state = next(state_dir.glob("*.pt"), None)
+    return Upstream(kind="method", name=config["method"], settings=config["settings"], state_path=str(state) if state else None)

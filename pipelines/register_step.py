@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -122,3 +123,58 @@ def registered_version_exists(run, result: StepResult) -> bool:
     except (MlflowException, KeyError):
         return False
 
+
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def register_tokenizer_step(ctx: StepContext) -> StepResult:
+    """Register a trained tokenizer as model ``<pipeline>-tokenizer-<name>``.
+
+    Its run holds ``tokenizer/``: ``tokenizer.json`` (kind, settings) plus the trained state
+    (image tokenizers: ``state.pt``, loaded with ``weights_only``) or the fitted files (text
+    tokenizers). ``models:/<pipeline>-tokenizer-<name>/<version>`` can be a reference of a
+    method in another pipeline (see ``pipelines.models.upstream_from_registry``).
+    """
+    import shutil
+
+    s = ctx.step.settings
+    client = ctx.run.tracker.client
+    out = ctx.inputs[s["tokenizer_step"]].outputs
+    folder = ctx.out_dir / TOKENIZER_DIR
+    folder.mkdir()
+    files = {}
+    if out.get("state"):
+        shutil.copyfile(out["state"], folder / "state.pt")
+    for logical, path in (out.get("files") or {}).items():
+        shutil.copyfile(path, folder / Path(path).name)
+        files[logical] = Path(path).name
+    meta = {"sort": "tokenizer", "kind": s["kind"], "name": s["tokenizer"], "settings": out.get("settings") or {},
+            "state": "state.pt" if out.get("state") else None, "files": files}
+    (folder / "tokenizer.json").write_text(json.dumps(meta, indent=2))
+    run_id = ctx.run.tracker.child_ids[ctx.step.name]
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_artifacts(str(folder), TOKENIZER_DIR)
+    name = f"{s['pipeline']}-tokenizer-{s['tokenizer']}"
+    if not _exists(client, name):
+        try:
+            client.create_registered_model(name, description=f"reprflow tokenizer ({s['kind']}) trained by pipeline '{s['pipeline']}'")
+        except Exception:  # noqa: BLE001 - created concurrently
+            pass
+    source = f"{client.get_run(run_id).info.artifact_uri}/{TOKENIZER_DIR}"
+    mv = client.create_model_version(name=name, source=source, run_id=run_id,
+                                     tags={"reprflow.pipeline_run": ctx.run.tracker.parent_id, "reprflow.kind": s["kind"], "reprflow.code_version": ctx.run.code_version})
+    _wait_ready(client, name, mv.version)
+    print(f"[register] {name} v{mv.version} (tokenizer)", flush=True)
+    return StepResult(outputs={"name": name, "version": str(mv.version), "model_uri": f"models:/{name}/{mv.version}"},
+                      params={"registered_model": name, "version": mv.version})
+
+
+def _exists(client, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return True
+    except MlflowException:
+        return False

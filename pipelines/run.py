@@ -1,6 +1,7 @@
 """Build the pipeline's DAG from its config and run it on Ray, recorded in MLflow.
 
     dataset[d] ──► train[m] ──► embed[m] ──► evaluate[m] ──► register[m]
+        ├────────► tokenizer[t] ──► register[tokenizer-t]     (tokenizers: section; methods refer to them)
         ├────────► embed[random:<arch>] ──► evaluate[random:<arch>]     (the floor)
         └────────► embed[brief] ──► evaluate[brief]      (evaluate.brief: the BRIEF baseline)
 """
@@ -8,6 +9,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import time
@@ -17,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from components.errors import ReprflowError
-from components.methods.registry import method_config
+from components.methods.registry import method_class, method_config
+from components.tokenizers.registry import tokenizer_kind
 from pipelines.brief_step import add_brief_steps
-from pipelines.config import MethodSpec, PipelineConfig
+from pipelines.config import MethodSpec, PipelineConfig, reference_graph, references_of
 from pipelines.dag import DAG, Runner, Step, StepResult
-from pipelines.register_step import register_step, registered_version_exists
+from pipelines.register_step import register_step, register_tokenizer_step, registered_version_exists
 from pipelines.report import comparison_table, write_report
-from pipelines.steps import dataset_step, embed_step, evaluate_step, train_step
+from pipelines.steps import dataset_step, embed_step, evaluate_step, text_tokenizer_step, train_step
 from pipelines.tracking import Tracker, code_version
 
 
@@ -60,12 +63,18 @@ class PipelineRun:
         return next(m for m in self.config.methods if m.name == name)
 
 
-def build_dag(cfg: PipelineConfig) -> tuple[DAG, list[str]]:
-    """The DAG of a pipeline config; returns it and the names of its evaluate steps (table rows)."""
+def build_dag(cfg: PipelineConfig, resolve_model=None) -> tuple[DAG, list[str]]:
+    """The DAG of a pipeline config; returns it and the names of its evaluate steps (table rows).
+
+    Methods and image tokenizers are added in the order their references require
+    (``train[dino] -> tokenizer[vqkd] -> train[beitv2]``). ``resolve_model(uri) -> "name/version"``
+    pins ``models:/`` references into step keys, so a moved alias retrains what depends on it.
+    """
     dag = DAG()
     decode = cfg.train.decode_size
     ds_steps = {}
-    for name in dict.fromkeys([cfg.train.dataset, cfg.evaluate.dataset]):
+    wanted = [cfg.train.dataset, cfg.evaluate.dataset, *(cfg.tokenizer_dataset(n) for n in cfg.tokenizers)]
+    for name in dict.fromkeys(wanted):
         spec = cfg.datasets[name]
         settings = {"spec": spec.model_dump(), "decode_size": decode}
         if spec.kind == "shards":
@@ -80,10 +89,51 @@ def build_dag(cfg: PipelineConfig) -> tuple[DAG, list[str]]:
     ev = cfg.evaluate
     ev_settings = {"knn_k": ev.knn_k, "knn_temperature": ev.knn_temperature, "linear_probe": ev.linear_probe, "dataset_step": eval_ds}
     evaluations, floors = [], {}
-    for spec in cfg.methods:
+    graph = reference_graph(cfg)
+    step_of: dict[tuple[str, str], str] = {}
+
+    def references(node) -> tuple[dict[str, str], list[str]]:
+        """``{field: step name | models:/ URI}`` and the step inputs they add."""
+        refs, inputs = {}, []
+        values = references_of(cfg).get(node, {})
+        for fld, target in graph.get(node, {}).items():
+            if target is None:
+                uri = values[fld]
+                refs[fld] = f"{uri}#{resolve_model(uri)}" if resolve_model else uri
+            else:
+                refs[fld] = step_of[target]
+                inputs.append(step_of[target])
+        return refs, inputs
+
+    for sort, name in _reference_order(cfg, graph):
+        if sort == "tokenizer":
+            tok = cfg.tokenizers[name]
+            ds = ds_steps[cfg.tokenizer_dataset(name)]
+            if tokenizer_kind(tok.kind) == "text":
+                step = Step(f"tokenizer[{name}]", "tokenizer", text_tokenizer_step, {"tokenizer": name, "kind": tok.kind, "settings": tok.settings, "dataset_step": ds}, [ds])
+            else:
+                settings = method_config(tok.kind, tok.settings).model_dump(mode="json")
+                refs, inputs = references((sort, name))
+                step = Step(f"tokenizer[{name}]", "tokenizer", train_step,
+                            {"method": tok.kind, "tokenizer": name, "settings": settings, "train": cfg.method_train(tok).model_dump(), "seed": cfg.seed,
+                             "dataset_step": ds, "references": refs}, [ds, *inputs])
+            step_of[(sort, name)] = dag.add(step).name
+            if cfg.registration.enabled:
+                dag.add(Step(f"register[tokenizer-{name}]", "register", register_tokenizer_step,
+                             {"pipeline": cfg.name, "tokenizer": name, "kind": tok.kind, "tokenizer_step": step.name}, [step.name]))
+            continue
+        spec = next(m for m in cfg.methods if m.name == name)
         settings = method_config(spec.name, spec.settings).model_dump(mode="json")
         train = cfg.method_train(spec)
-        t = dag.add(Step(f"train[{spec.name}]", "train", train_step, {"method": spec.name, "settings": settings, "train": train.model_dump(), "seed": cfg.seed, "dataset_step": train_ds}, [train_ds]))
+        refs, inputs = references((sort, name))
+        t = dag.add(Step(f"train[{spec.name}]", "train", train_step, {"method": spec.name, "settings": settings, "train": train.model_dump(), "seed": cfg.seed,
+                                                                       "dataset_step": train_ds, "references": refs}, [train_ds, *inputs]))
+        step_of[(sort, name)] = t.name
+        hook = method_class(spec.name).dag_steps
+        if hook:  # the method adds its own evaluate/register steps (e.g. vision-language tasks)
+            module, fn = hook.split(":")
+            evaluations += getattr(importlib.import_module(module), fn)(dag, cfg, spec, settings, t.name, ds_steps)
+            continue
         e = dag.add(Step(f"embed[{spec.name}]", "embed", embed_step, {"label": spec.name, "method": spec.name, "settings": settings, "seed": cfg.seed, "train_step": t.name, "dataset_step": eval_ds, "decode_size": decode, "batch_size": ev.batch_size}, [eval_ds, t.name]))
         v = dag.add(Step(f"evaluate[{spec.name}]", "evaluate", evaluate_step, {**ev_settings, "label": spec.name, "embed_step": e.name}, [eval_ds, e.name]))
         evaluations.append(v.name)
@@ -105,6 +155,31 @@ def build_dag(cfg: PipelineConfig) -> tuple[DAG, list[str]]:
     return dag, evaluations + list(floors.values()) + add_brief_steps(dag, cfg, eval_ds, ev_settings)
 
 
+def _reference_order(cfg: PipelineConfig, graph) -> list[tuple[str, str]]:
+    """Tokenizers and methods, each after what it refers to; otherwise in file order (tokenizers first)."""
+    nodes = [("tokenizer", n) for n in cfg.tokenizers] + [("method", m.name) for m in cfg.methods]
+    done: list[tuple[str, str]] = []
+
+    def visit(node):
+        if node in done:
+            return
+        for target in graph.get(node, {}).values():
+            if target is not None:
+                visit(target)
+        done.append(node)
+
+    for node in nodes:
+        visit(node)
+    return done
+
+
+def _pinned_version(client, uri: str) -> str:
+    from pipelines.models import resolve_version
+
+    mv = resolve_version(client, uri)
+    return f"{mv.name}/{mv.version}"
+
+
 def _maybe_list(uri: str) -> list[str]:
     from components.data import shards as sh
 
@@ -115,8 +190,12 @@ def _maybe_list(uri: str) -> list[str]:
 
 
 def _arch_label(settings: dict) -> str:
+    """The random-init floor's label: one floor per distinct backbone (ViT dims included)."""
     b = settings.get("backbone", {})
-    return "-".join(str(x) for x in [b.get("name", "?"), b.get("stem", ""), settings.get("image_size", "")] if x != "")
+    parts = [b.get("name", "?"), b.get("stem", "") if not str(b.get("name", "")).startswith("vit") else "", settings.get("image_size", "")]
+    if str(b.get("name", "")).startswith("vit"):
+        parts += [f"p{b.get('patch_size')}", f"d{b.get('embed_dim')}x{b.get('depth')}"] if b.get("embed_dim") else [f"p{b.get('patch_size')}"]
+    return "-".join(str(x) for x in parts if x not in ("", None, "pNone"))
 
 
 def run_pipeline(cfg: PipelineConfig, output: Path | None = None, force: bool = False, config_text: str | None = None) -> dict[str, Any]:
@@ -131,7 +210,7 @@ def run_pipeline(cfg: PipelineConfig, output: Path | None = None, force: bool = 
     config_hash = hashlib.sha256(json.dumps(cfg_json, sort_keys=True).encode()).hexdigest()[:16]
     tracker = Tracker(cfg.tracking_uri(), cfg.mlflow.experiment or cfg.name, storage / "mlartifacts")
     run = PipelineRun(cfg, storage, tracker, config_hash, code_version())
-    dag, table_steps = build_dag(cfg)
+    dag, table_steps = build_dag(cfg, resolve_model=lambda uri: _pinned_version(tracker.client, uri))
     init_ray(cfg)
     parent = tracker.start_parent(f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", cfg_json, {"reprflow.pipeline": cfg.name, "reprflow.config_hash": config_hash, "reprflow.code_version": run.code_version})
     tracker.log_text(parent, config_text or json.dumps(cfg_json, indent=2), "pipeline.yaml" if config_text else "pipeline.json")

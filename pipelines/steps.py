@@ -20,6 +20,7 @@ from components.data.decode import decode_image
 from components.data.scenes import SHAPES, scene_rows
 from components.evaluation.knn import knn_top1
 from components.evaluation.linear import fit_linear_probe
+from components.methods.base import Upstream
 from components.methods.registry import build_method
 from components.models.embedding import EmbeddingModel
 from pipelines.dag import StepContext, StepResult
@@ -90,14 +91,17 @@ def train_step(ctx: StepContext) -> StepResult:
     from pipelines.plots import loss_curve
     from pipelines.train_loop import run_trainer
 
+    from pipelines.config import TrainSpec
+
     s = ctx.step.settings
     data = ctx.inputs[s["dataset_step"]].outputs
-    train = ctx.run.config.method_train(ctx.run.method_spec(s["method"]))
+    train = TrainSpec.model_validate(s["train"])
     method = build_method(s["method"], s["settings"])
+    resources = {f: upstream_of(ctx, ref).__dict__ for f, ref in (s.get("references") or {}).items()}
     out = run_trainer(
         key=ctx.step.key, method=s["method"], settings=s["settings"], train=train,
         rows=data["rows"]["train"], files=data["files"]["train"], storage=ctx.run.storage, seed=s["seed"],
-        views=method.views, out_dir=ctx.out_dir,
+        views=method.views, out_dir=ctx.out_dir, resources=resources,
     )
     loss_curve(out["history"], ctx.out_dir / "loss_curve.png", title=f"{s['method']} training loss")
     last = out["history"][-1] if out["history"] else {}
@@ -108,6 +112,33 @@ def train_step(ctx: StepContext) -> StepResult:
         params={"method": s["method"], "settings": s["settings"], "train": train.model_dump(), "seed": s["seed"], "views": method.views.to_dict()},
         artifacts=["history.json", "loss_curve.png"],
     )
+
+
+def upstream_of(ctx: StepContext, ref: str) -> Upstream:
+    """A reference of the running step as an :class:`Upstream`: an input step's outputs, or a
+    registered ``models:/`` version (its training state is downloaded into the step folder)."""
+    if ref.startswith("models:/"):
+        from pipelines.models import upstream_from_registry
+
+        return upstream_from_registry(ctx.run.tracker.client, ref.split("#", 1)[0], ctx.out_dir / "upstream")
+    out = ctx.inputs[ref].outputs
+    kind = "tokenizer" if ref.startswith("tokenizer[") else "method"
+    return Upstream(kind=kind, name=out.get("method") or out.get("kind"), settings=out.get("settings") or {},
+                    state_path=out.get("state"), files=out.get("files") or {})
+
+
+def text_tokenizer_step(ctx: StepContext) -> StepResult:
+    """Fit a text tokenizer (``tokenizers:`` entry of a text kind) on the train split's captions."""
+    from components.tokenizers.registry import text_tokenizer_fit
+
+    s = ctx.step.settings
+    data = ctx.inputs[s["dataset_step"]].outputs
+    fit = text_tokenizer_fit(s["kind"])
+    captions = (r["caption"] for f in data["files"]["train"] for r in sh.read_rows(f, ["caption"]) if r.get("caption"))
+    written = fit(captions, s["settings"], ctx.out_dir)
+    files = {k: str(ctx.out_dir / v) for k, v in written.items()}
+    return StepResult(outputs={"kind": s["kind"], "settings": s["settings"], "files": files},
+                      params={"kind": s["kind"], "settings": s["settings"]}, artifacts=sorted(written.values()))
 
 
 # ---------------------------------------------------------------- embed

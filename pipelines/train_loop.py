@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from components.methods.base import Upstream
 from components.methods.registry import build_method
 from components.training import TrainStep, prepare_batch
 
@@ -76,6 +77,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(config["threads"])
     torch.manual_seed(config["seed"])  # identical init on every rank; DDP also broadcasts
     method = build_method(config["method"], config["settings"])
+    if config.get("resources"):
+        method.attach({k: Upstream(**v) for k, v in config["resources"].items()})
     device = rtt.get_device() if config["use_gpu"] else torch.device("cpu")
     if world > 1:
         model = rtt.prepare_model(method, parallel_strategy_kwargs={"find_unused_parameters": False})
@@ -166,13 +169,14 @@ def latest_local_checkpoint(run_dir: Path) -> Path | None:
 
 
 def run_trainer(*, key: str, method: str, settings: dict, train, rows: int, files: list[str], storage: Path, seed: int, views, out_dir: Path,
-                warm_start: str | Path | None = None) -> dict:
+                warm_start: str | Path | None = None, resources: dict[str, dict] | None = None) -> dict:
     """Fit a TorchTrainer for one method and copy its final state into ``out_dir``.
 
     Returns ``{"history": [...], "state": path}``. Resumes from the newest checkpoint of a
     previous attempt of the same key (driver crash) or of this fit (worker crash); otherwise
     ``warm_start`` (a ``state.pt``) gives the starting weights and optimizer state, with the
-    epoch counter and schedule restarted (retraining from a champion).
+    epoch counter and schedule restarted (retraining from a champion). ``resources`` are the
+    method's references as ``Upstream`` fields (see ``Method.attach``).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -192,6 +196,7 @@ def run_trainer(*, key: str, method: str, settings: dict, train, rows: int, file
         "resume_path": str(resume) if resume else None,
         "warm_start_path": str(warm_start) if warm_start else None,
         "fail_after_epoch": int(fail_after) if fail_after else None,
+        "resources": resources or {},
     }
     ds = views_dataset(files, views, train.decode_size, train.data_batch_size, seed)
     trainer = TorchTrainer(

@@ -1,5 +1,6 @@
 """The method contract: what every self-supervised method in reprflow declares.
 
+
 A method is an ``nn.Module`` that says
 - ``views``: the :class:`~components.data.views.ViewRecipe` each sample must become;
 - ``forward(batch) -> dict`` with ``loss`` and any metrics worth logging, where ``batch`` maps
@@ -11,10 +12,22 @@ A method is an ``nn.Module`` that says
 - ``encoder``: the module whose pooled output is "the representation".
 Extra training state (memory banks, EMA teachers, centres) lives in buffers/sub-modules, so
 ``state_dict()`` is the whole state a checkpoint needs.
+
+References between steps: a method (or an image tokenizer, which is a method with
+``is_tokenizer = True``) may need another step's output - BEiT v2's VQ-KD tokenizer needs a
+trained teacher, BEiT needs its tokenizer, VisualBERT a frozen visual encoder. It lists the
+config fields holding such references in ``references``; a value names another method of the
+pipeline, an entry of its ``tokenizers:`` section, or a ``models:/name@alias`` URI. The DAG
+makes the referenced step an input, and the training loop calls ``attach({field: Upstream})``
+on every worker before any state is loaded. Attached frozen modules stay out of
+``state_dict()`` (hold them in a plain list) and are moved to the batch's device in ``forward``.
+A method evaluated otherwise than by embedding images sets ``dag_steps`` to
+``"module:function"``, which adds its own evaluate/register steps (see pipelines/run.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -54,11 +67,45 @@ class MethodConfig(BaseModel):
         return data
 
 
+@dataclass
+class Upstream:
+    """A finished upstream step a method refers to (see "References" in the module docstring).
+
+    ``kind`` is "method" (a train step or a registered model) or "tokenizer"; ``name`` the
+    registry name (method name / tokenizer kind); ``state_path`` the trained state file (a
+    ``torch.save`` dict whose "method" entry is the state_dict), ``files`` other outputs by
+    logical name (e.g. a text tokenizer's JSON).
+    """
+
+    kind: str
+    name: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    state_path: str | None = None
+    files: dict[str, str] = field(default_factory=dict)
+
+    def load_method(self) -> "Method":
+        """Build the upstream method and load its trained weights (``weights_only``: no code runs)."""
+        from components.methods.registry import build_method
+
+        if self.state_path is None:
+            raise ValueError(f"upstream {self.kind} '{self.name}' has no trained state to load")
+        m = build_method(self.name, self.settings)
+        state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        m.load_state_dict(state["method"])
+        return m.eval()
+
+
 class Method(nn.Module):
     """Base class of the method contract (see the module docstring)."""
 
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    # Config fields naming an upstream method / tokenizer / models:/ URI (see the module docstring).
+    references: ClassVar[tuple[str, ...]] = ()
+    # An image tokenizer trained by the generic loop (a ``tokenizers:`` entry, not a table row).
+    is_tokenizer: ClassVar[bool] = False
+    # "module:function" adding this method's own evaluate/register steps instead of embed -> kNN.
+    dag_steps: ClassVar[str | None] = None
     encoder: nn.Module
     steps_per_epoch: int | None = None  # set by on_train_start
 
@@ -84,6 +131,10 @@ class Method(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         raise NotImplementedError
+
+    def attach(self, resources: dict[str, Upstream]) -> None:
+        """Receive the upstream steps named by ``references`` (before any state is loaded).
+        The default does nothing; keep what you attach out of ``state_dict()``."""
 
     def on_train_start(self, steps_per_epoch: int, total_steps: int) -> None:
         """Called once before training (and again on resume); the default records ``steps_per_epoch``."""
