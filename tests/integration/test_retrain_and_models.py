@@ -22,6 +22,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from components.data import shards as sh
+from components.errors import ReprflowError
 from components.data.scenes import SHAPES, scene_rows
 from pipelines.cli import main
 from pipelines.config import load_config
@@ -101,6 +102,23 @@ def test_embed_from_registry_equals_pipeline_embeddings(ops, capsys):
     floor = np.load(ops["dirs"]["embed[random-init[resnet18-small-16]]"] / "embeddings-val.npz")
     assert not np.allclose(emb, floor["feats"][[order[i] for i in ids]], atol=1e-3)
     assert main(["embed", "--model", f"models:/{NAME}@champion", val, "--output", str(out), "--tracking-uri", ops["uri"]]) == 2  # not empty
+
+
+def test_a_models_reference_resolves_to_the_registered_training_state(ops, tmp_path):
+    """What a method referring to ``models:/ops-simclr@champion`` (e.g. a teacher) receives."""
+    import torch
+
+    from pipelines.models import upstream_from_registry
+    from pipelines.train_loop import load_state
+
+    up = upstream_from_registry(_client(ops), f"models:/{NAME}@champion", tmp_path)
+    assert (up.kind, up.name) == ("method", "simclr") and up.settings["temperature"] == ops["cfg"].methods[0].settings["temperature"]
+    teacher = up.load_method()
+    trained = load_state(next(ops["dirs"]["train[simclr]"].glob("state.pt")))["method"]
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, trained[k]), k
+    with pytest.raises(ReprflowError, match="no such registered model version"):
+        upstream_from_registry(_client(ops), "models:/ops-nope@champion", tmp_path)
 
 
 def test_pipeline_runs_carry_method_and_data_fingerprint_tags(ops):
