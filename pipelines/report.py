@@ -8,6 +8,11 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = ("val_knn_top1", "test_knn_top1", "val_linear_top1", "test_linear_top1")
+# Vision-language rows (VisualBERT: pipelines/vl_steps.py): ITM accuracy (half of the negatives
+# hard), retrieval Recall@K, grounding probe with the image's own vs another image's regions.
+VL_COLUMNS = ("val_itm_acc", "test_itm_acc", "test_itm_acc_hard", "test_i2t_r1", "test_i2t_r5", "test_t2i_r1", "test_t2i_r5", "test_chance_r5",
+              "test_ground_colour_image", "test_ground_colour_swapped", "test_ground_shape_image", "test_ground_shape_swapped",
+              "test_ground_position_image", "test_ground_position_swapped")
 
 
 def comparison_table(cfg, dag, results, tracker, table_steps: list[str]) -> dict[str, Any]:
@@ -17,6 +22,7 @@ def comparison_table(cfg, dag, results, tracker, table_steps: list[str]) -> dict
         res = results[name]
         label = res.outputs["label"]
         row: dict[str, Any] = {"representation": label, **{c: res.outputs["metrics"].get(c) for c in COLUMNS}}
+        row.update({c: res.outputs["metrics"][c] for c in VL_COLUMNS if c in res.outputs["metrics"]})
         row["evaluate_run_id"] = tracker.child_ids.get(name)
         train = f"train[{label}]"
         if train in results:
@@ -52,6 +58,12 @@ def to_markdown(table: dict[str, Any]) -> str:
     ]
     for row in table["rows"]:
         lines.append("| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
+    vl_rows = [row for row in table["rows"] if any(c in row for c in VL_COLUMNS)]
+    if vl_rows:
+        lines += ["", "Vision-language (held-out image-caption pairs, %): ITM accuracy (half of the negatives hard), retrieval Recall@K "
+                  "(chance_r5 = 5/N), grounding probe = masked-word accuracy with the image vs another image's regions", "",
+                  "| representation | " + " | ".join(VL_COLUMNS) + " |", "|" + "|".join("---" for _ in range(len(VL_COLUMNS) + 1)) + "|"]
+        lines += ["| " + " | ".join(_fmt(row.get(c)) for c in ("representation", *VL_COLUMNS)) + " |" for row in vl_rows]
     return "\n".join(lines) + "\n"
 
 
@@ -65,7 +77,7 @@ def write_report(table: dict[str, Any], output: Path, tracker, parent_run_id: st
     metrics = {}
     for row in table["rows"]:
         key = "".join(c if c.isalnum() or c in "-_." else "_" for c in row["representation"])
-        for c in COLUMNS:
-            if isinstance(row.get(c), (int, float)):
+        for c in (*COLUMNS, *VL_COLUMNS):
+            if isinstance(row.get(c), (int, float)) and not isinstance(row.get(c), bool):
                 metrics[f"{key}.{c}"] = row[c]
     tracker.log_metrics(parent_run_id, metrics)

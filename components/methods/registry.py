@@ -19,6 +19,12 @@ METHODS: dict[str, str] = {
     "nnclr": "components.methods.nnclr:NNCLR",
     "meanshift": "components.methods.meanshift:MeanShift",
     "scl": "components.methods.scl:SCL",
+    "mae": "components.methods.mae:MAE",
+    "beit": "components.methods.beit:BEiT",
+    "beitv2": "components.methods.beitv2:BEiTV2",
+    "vqvae": "components.methods.vqvae:VQVAE",
+    "vqkd": "components.methods.vqkd:VQKD",
+    "visualbert": "components.methods.visualbert:VisualBERT",
 }
 
 

@@ -70,11 +70,14 @@ class Backbone(nn.Module):
         self.feature_dim = RESNETS[cfg.name]
         self.config = cfg
 
-    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """The last stage's spatial features (N, feature_dim, h, w)."""
+    def feature_map(self, x: torch.Tensor, stage: int = 4) -> torch.Tensor:
+        """Spatial features after ResNet stage ``stage`` (1-4; default the last: (N, feature_dim, h, w)).
+        Stage 3 is the "C4" map Faster R-CNN pools regions from (VisualBERT's region features)."""
         n = self.net
         x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
-        return n.layer4(n.layer3(n.layer2(n.layer1(x))))
+        for layer in (n.layer1, n.layer2, n.layer3, n.layer4)[:stage]:
+            x = layer(x)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.net.avgpool(self.feature_map(x)), 1)

@@ -15,7 +15,9 @@ from typing import Callable, Iterable
 
 from components.errors import ReprflowError
 
-TEXT_TOKENIZERS: dict[str, str] = {}
+TEXT_TOKENIZERS: dict[str, str] = {
+    "wordpiece": "components.tokenizers.text:fit_wordpiece",
+}
 
 
 def image_tokenizer_kinds() -> list[str]:
