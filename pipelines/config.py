@@ -379,5 +379,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
-        raise ReprflowError(f"{path}: not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ReprflowError(f"{path}: not valid YAML{where}: {problem}") from None  # one line, as every CLI error
     return parse_config(data, source=str(path), overrides=overrides)

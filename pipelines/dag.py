@@ -5,12 +5,19 @@ settings and its inputs' keys, so a changed setting anywhere upstream changes ev
 it. A finished step leaves ``<storage>/steps/<name>-<key>/result.json`` (written last, after an
 atomic rename of the folder), which is what makes a rerun skip it. Steps whose inputs are done
 run concurrently (threads on the driver; the work itself runs as Ray tasks or a TorchTrainer).
+
+:func:`fault_point` is the one test hook of the pipeline: with ``REPRFLOW_FAULT_DIR`` and
+``REPRFLOW_PAUSE_AT`` set, the named points (``before:<step>``, ``<step>:version-created``,
+``train[<method>]:epoch<N>``) write ``<dir>/<point>.paused`` (pid, details) and wait for
+``<dir>/<point>.release``, so a fault test can kill a process or cut a connection at an exact
+moment instead of sleeping and hoping. Unset (always, outside tests) it costs one dict lookup.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import threading
 import time
@@ -20,7 +27,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-CODE_VERSION = "1"  # bump when a step's outputs change meaning, so old caches are not reused
+CODE_VERSION = "2"  # bump when a step's outputs change meaning, so old caches are not reused (2: state files carry a sha256 manifest)
+FAULT_DIR_ENV, PAUSE_AT_ENV, PAUSE_TIMEOUT_ENV = "REPRFLOW_FAULT_DIR", "REPRFLOW_PAUSE_AT", "REPRFLOW_PAUSE_TIMEOUT"
+
+
+def fault_settings() -> dict | None:
+    """The pause points asked for in this process's environment (passed on to Ray Train workers,
+    whose environment is the cluster's), or None."""
+    folder, points = os.environ.get(FAULT_DIR_ENV), os.environ.get(PAUSE_AT_ENV)
+    if not folder or not points:
+        return None
+    return {"dir": folder, "pause_at": [p.strip() for p in points.split(",") if p.strip()],
+            "timeout": float(os.environ.get(PAUSE_TIMEOUT_ENV, "300"))}
+
+
+def _point_file(folder: str, name: str, suffix: str) -> Path:
+    return Path(folder) / ("".join(c if c.isalnum() or c in "-_." else "_" for c in name) + suffix)
+
+
+def fault_point(name: str, info: dict | None = None, settings: dict | None = None) -> None:
+    """Pause here if a test asked for it (see the module docstring); otherwise return at once."""
+    settings = settings if settings is not None else fault_settings()
+    if not settings or name not in settings["pause_at"]:
+        return
+    marker = _point_file(settings["dir"], name, ".paused")
+    release = _point_file(settings["dir"], name, ".release")
+    if marker.exists():
+        return  # each point pauses once per test
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"point": name, "pid": os.getpid(), "time": time.time(), **(info or {})}))
+    os.replace(tmp, marker)
+    deadline = time.monotonic() + settings.get("timeout", 300)
+    while not release.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 @dataclass
@@ -32,6 +71,7 @@ class StepResult:
     history: list[dict[str, float]] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
     artifacts: list[str] = field(default_factory=list)  # file names inside the step folder
+    seconds: float = 0.0  # how long the step took when it ran (a cached step keeps its original time)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2, sort_keys=True, default=str)
@@ -106,8 +146,9 @@ def load_cached(storage: Path, step: Step) -> StepResult | None:
 class Runner:
     """Runs a DAG: cached steps are skipped, ready steps run concurrently, failures stop the run.
 
-    ``on_event(event, step, info)`` is called with ``start``, ``cached``, ``done`` and ``failed``
-    (the pipeline uses it for progress lines and MLflow child runs).
+    ``on_event(event, step, info)`` is called with ``start``, ``cached``, ``done``, ``failed`` and
+    ``interrupted`` (finished, but after another step failed: cached, not recorded as done); the
+    pipeline uses it for progress lines and MLflow child runs.
     """
 
     def __init__(self, dag: DAG, storage: Path, run: Any, force: bool = False, max_parallel: int = 4, on_event=None):
@@ -123,8 +164,10 @@ class Runner:
         tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")
         tmp.mkdir(parents=True)
         ctx = StepContext(step=step, out_dir=tmp, inputs={d: self.results[d] for d in step.inputs}, run=self.run)
+        t0 = time.monotonic()
         try:
             result = step.fn(ctx)
+            result.seconds = time.monotonic() - t0
             # The step may have written absolute paths of its temp folder; point them at the final one.
             text = result.to_json().replace(str(tmp), str(final))
             if final.exists():
@@ -137,11 +180,15 @@ class Runner:
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def run_all(self) -> dict[str, StepResult]:
+        """Run every step; on the first failure, schedule nothing more, let the running steps
+        finish (their results are cached, so no finished work is lost), report them as
+        ``interrupted`` (or ``failed``), then raise the first error."""
         pending = dict(self.dag.steps)
         running: dict[Future, Step] = {}
+        error: BaseException | None = None
         with ThreadPoolExecutor(max_workers=self.max_parallel) as pool:
-            while pending or running:
-                for name, step in list(pending.items()):
+            while running or (pending and error is None):
+                for name, step in list(pending.items()) if error is None else []:
                     if not all(d in self.results for d in step.inputs):
                         continue
                     del pending[name]
@@ -151,25 +198,38 @@ class Runner:
                         self.cached.add(name)
                         self.on_event("cached", step, {"result": cached})
                         continue
+                    fault_point(f"before:{name}")
                     self.on_event("start", step, {})
                     running[pool.submit(self._timed, step)] = step
                 if not running:
-                    if pending:
-                        continue
-                    break
+                    continue
                 done, _ = wait(list(running), return_when=FIRST_COMPLETED)
                 for fut in done:
                     step = running.pop(fut)
                     try:
                         result, seconds = fut.result()
                     except BaseException as exc:
-                        self.on_event("failed", step, {"error": exc})
-                        for other in running:
-                            other.cancel()
-                        raise
+                        self._report("failed", step, {"error": exc})
+                        error = error or exc
+                        continue
                     self.results[step.name] = result
-                    self.on_event("done", step, {"result": result, "seconds": seconds})
+                    if error is not None:
+                        self._report("interrupted", step, {"result": result, "seconds": seconds})
+                        continue
+                    try:
+                        self.on_event("done", step, {"result": result, "seconds": seconds})
+                    except BaseException as exc:  # recording failed (e.g. MLflow gone): the result is cached
+                        error = exc
+        if error is not None:
+            raise error
         return self.results
+
+    def _report(self, event: str, step: Step, info: dict) -> None:
+        """An event on the failure path: recording it must not hide the error itself."""
+        try:
+            self.on_event(event, step, info)
+        except Exception as exc:  # noqa: BLE001
+            print(f"[dag] could not record that {step.name} {event}: {exc}", flush=True)
 
     def _timed(self, step: Step) -> tuple[StepResult, float]:
         t0 = time.monotonic()

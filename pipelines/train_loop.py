@@ -5,13 +5,20 @@ iterates its Ray Data shard (views already built by Ray Data), steps the optimiz
 :class:`components.training.TrainStep`, checkpoints every N epochs and reports per-epoch
 metrics. The Ray Train run name is the step's key (hash of inputs + settings), so a changed
 config never resumes another config's checkpoint.
+
+Checkpoints are plain tensors (``torch.load(weights_only=True)``: loading one runs no code) with a
+sha256 manifest beside each state file (``state.pt.sha256``); a state whose bytes do not match
+its manifest is refused with an error naming the file. The checkpoint folder is checked for
+writability and free space before training starts, not when the first epoch ends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -20,11 +27,16 @@ from typing import Any
 
 import torch
 
+from components.errors import ReprflowError
 from components.methods.base import Upstream
 from components.methods.registry import build_method
 from components.training import TrainStep, prepare_batch
+from pipelines.dag import fault_point, fault_settings
 
 STATE_FILE = "state.pt"
+MANIFEST_SUFFIX = ".sha256"
+# Free space asked of the checkpoint folder beyond the estimate: room for Ray's own files.
+FREE_SPACE_MARGIN = 64 * 2**20
 # Local mode runs the train function in the driver process, whose Ray Train context is global:
 # two local-mode fits must not overlap (distributed fits run in their own actors and may).
 _LOCAL_MODE_LOCK = threading.Lock()
@@ -48,7 +60,7 @@ def _training_slots(workers: int, cpus_per_worker: float) -> threading.BoundedSe
 
 
 def save_state(path: Path, method, step: TrainStep, epoch: int, global_step: int, history: list[dict], meta: dict) -> None:
-    """Write the full training state (method incl. buffers/EMA/banks, optimizer, counters)."""
+    """Write the full training state (method incl. buffers/EMA/banks, optimizer, counters) and its manifest."""
     state = {
         "method": method.state_dict(),
         "optim": step.state_dict(),
@@ -58,13 +70,113 @@ def save_state(path: Path, method, step: TrainStep, epoch: int, global_step: int
         "meta": meta,
     }
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        # Through a Python file: torch.save on a path turns ENOSPC into "basic_ios::clear: iostream error".
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        write_state_file(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ReprflowError(f"cannot write checkpoint {path}: {exc.strerror or exc} (disk full or folder not writable?)") from None
 
 
-def load_state(path: Path) -> dict:
-    """Read a training state without executing code (``weights_only``)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def manifest_path(path: Path) -> Path:
+    """Where the sha256 manifest of a state file lives: ``state.pt.sha256`` beside it."""
+    return path.with_name(path.name + MANIFEST_SUFFIX)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_state_file(src: Path, dst: Path) -> None:
+    """Move (or copy, if ``src`` must stay) a written state into place at ``dst`` with its manifest.
+
+    The old manifest goes first and the new one comes last, so a crash in between leaves a state
+    without a manifest (an unfinished checkpoint, skipped on resume), never a mismatched pair.
+    """
+    digest = _sha256(src)
+    manifest = manifest_path(dst)
+    manifest.unlink(missing_ok=True)
+    if src.parent == dst.parent and src.suffix == ".tmp":
+        os.replace(src, dst)
+    else:
+        tmp = dst.with_suffix(".tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    tmp_manifest = manifest.with_suffix(".tmp-manifest")
+    tmp_manifest.write_text(json.dumps({"file": dst.name, "sha256": digest, "bytes": dst.stat().st_size}) + "\n")
+    os.replace(tmp_manifest, manifest)
+
+
+def verify_state(path: Path, require_manifest: bool = True) -> None:
+    """Refuse a state file whose bytes differ from its manifest (or, with ``require_manifest``, that has none)."""
+    manifest = manifest_path(path)
+    if not manifest.is_file():
+        if require_manifest:
+            raise ReprflowError(f"checkpoint {path} has no integrity manifest ({manifest.name}): it was not written completely by "
+                                "reprflow, or its manifest was removed; refusing to load it (delete the checkpoint or its step folder and rerun)")
+        return
+    try:
+        expected = json.loads(manifest.read_text())["sha256"]
+    except (ValueError, KeyError, TypeError):
+        raise ReprflowError(f"checkpoint manifest {manifest} is unreadable; refusing to load {path.name}") from None
+    actual = _sha256(path)
+    if actual != expected:
+        raise ReprflowError(f"checkpoint {path} failed its integrity check (sha256 {actual[:12]}..., manifest says {expected[:12]}...): "
+                            "it was modified after reprflow wrote it; refusing to load it (delete it, or its step folder, and rerun)")
+
+
+def load_state(path: Path, require_manifest: bool = True) -> dict:
+    """Read a training state: integrity-checked against its manifest, then loaded without executing
+    code (``weights_only``: a pickle asking for anything but tensors and plain containers is refused)."""
+    path = Path(path)
+    verify_state(path, require_manifest)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError (not a zip), EOFError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ReprflowError(f"checkpoint {path} cannot be loaded safely ({type(exc).__name__}: {first[:300]}); "
+                            "reprflow loads only plain tensors, never pickled code") from None
+
+
+def checkpoint_bytes(method) -> int:
+    """A generous estimate of one checkpoint's size: parameters + buffers, plus two optimizer moments per parameter."""
+    params = sum(p.numel() * p.element_size() for p in method.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in method.buffers())
+    return 3 * params + buffers + 2**20
+
+
+def check_checkpoint_storage(folder: Path, need_bytes: int = 0) -> None:
+    """Before training: the checkpoint folder can be created and written, and has room for
+    ``need_bytes`` (plus a margin). A clear error naming the folder otherwise."""
+    folder = Path(folder)
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ReprflowError(f"checkpoint folder {folder} is not writable: {blocker} is a file, not a folder; "
+                            "move it (or point 'storage' / REPRFLOW_STORAGE elsewhere) before training")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}-{threading.get_ident()}"
+        with open(probe, "wb") as f:
+            f.write(b"x" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as exc:
+        raise ReprflowError(f"checkpoint folder {folder} is not writable: {exc.strerror or exc}; "
+                            "fix it (or point 'storage' / REPRFLOW_STORAGE elsewhere) before training") from None
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes + FREE_SPACE_MARGIN:
+        raise ReprflowError(f"checkpoint folder {folder} has {free / 2**20:.0f} MiB free; training needs about "
+                            f"{(need_bytes + FREE_SPACE_MARGIN) / 2**20:.0f} MiB for its checkpoints; free some space "
+                            "(e.g. 'reprflow gc') or point 'storage' elsewhere")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -106,7 +218,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     elif config.get("warm_start_path"):
         # Warm start (retraining): continue from another run's weights, buffers and optimizer
         # moments, but with a fresh epoch counter and learning-rate schedule.
-        state = load_state(Path(config["warm_start_path"]))
+        # A champion's state downloaded alone (without its manifest) is still loaded weights_only.
+        state = load_state(Path(config["warm_start_path"]), require_manifest=False)
         method.load_state_dict(state["method"])
         step.load_state_dict(state["optim"])
         if rank == 0:
@@ -114,6 +227,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     fail_after = config.get("fail_after_epoch")
+    fault = config.get("fault")
     for epoch in range(start_epoch, config["epochs"]):
         method.train()
         t0, n, sums = time.monotonic(), 0, {}
@@ -121,6 +235,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics = step(prepare_batch(batch, device), global_step)
             global_step += 1
             n += 1
+            if fault and n == 1 and resume_dir is None:
+                # Test hook (REPRFLOW_PAUSE_AT=train[<method>]:epoch<N>): pause mid-epoch, after the
+                # previous epoch's checkpoint was reported, so a test can kill this process.
+                fault_point(f"train[{config['method']}]:epoch{epoch + 1}", {"rank": rank, "epoch": epoch + 1, "global_step": global_step,
+                                                                           "last_checkpoint_epoch": epoch - epoch % config["checkpoint_every"]}, fault)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
         seconds = time.monotonic() - t0
@@ -152,19 +271,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def latest_local_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint folder holding a complete state file under a Ray Train run folder."""
+    """The newest checkpoint folder holding a complete state file under a Ray Train run folder.
+
+    A state without its manifest was being written when the process died: skipped. A state that
+    does not match its manifest was modified afterwards: refused with an error, not skipped
+    (resuming from an older checkpoint would hide it).
+    """
     if not run_dir.is_dir():
         return None
     best, best_epoch = None, -1
     for d in run_dir.glob("checkpoint_*"):
         f = d / STATE_FILE
-        if f.is_file():
-            try:
-                epoch = load_state(f)["epoch"]
-            except Exception:  # noqa: BLE001 - a torn checkpoint is skipped, not fatal
-                continue
-            if epoch > best_epoch:
-                best, best_epoch = d, epoch
+        if not f.is_file():
+            continue
+        if not manifest_path(f).is_file():
+            print(f"[train] skipping unfinished checkpoint {d} (no manifest)", flush=True)
+            continue
+        epoch = load_state(f)["epoch"]
+        if epoch > best_epoch:
+            best, best_epoch = d, epoch
     return best
 
 
@@ -185,6 +310,12 @@ def run_trainer(*, key: str, method: str, settings: dict, train, rows: int, file
 
     ray_results = storage / "ray_results"
     name = f"train-{key}"
+    # Checked now rather than when the first epoch ends: disk space for the kept checkpoints
+    # (two, plus one being written) and the final copy in the step folder.
+    probe = build_method(method, settings)
+    check_checkpoint_storage(ray_results, 4 * checkpoint_bytes(probe))
+    check_checkpoint_storage(out_dir, checkpoint_bytes(probe))
+    del probe
     resume = latest_local_checkpoint(ray_results / name)
     threads = train.threads_per_worker or max(1, (os.cpu_count() or 2) // max(1, train.num_workers))
     fail_after = os.environ.get("REPRFLOW_FAIL_AFTER_EPOCH")
@@ -196,6 +327,7 @@ def run_trainer(*, key: str, method: str, settings: dict, train, rows: int, file
         "resume_path": str(resume) if resume else None,
         "warm_start_path": str(warm_start) if warm_start else None,
         "fail_after_epoch": int(fail_after) if fail_after else None,
+        "fault": fault_settings(),
         "resources": resources or {},
     }
     ds = views_dataset(files, views, train.decode_size, train.data_batch_size, seed)
@@ -222,7 +354,8 @@ def run_trainer(*, key: str, method: str, settings: dict, train, rows: int, file
     if not final.is_file():
         raise RuntimeError(f"training finished without a checkpoint under {ray_results / name}")
     target = out_dir / STATE_FILE
-    target.write_bytes(final.read_bytes())
+    verify_state(final)
+    write_state_file(final, target)
     state = load_state(target)
     (out_dir / "history.json").write_text(json.dumps(state["history"], indent=2))
     return {"history": state["history"], "state": str(target)}

@@ -8,6 +8,7 @@ as ``None`` with a reason; callers count and report it (see :class:`BadRows`).
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -27,30 +28,49 @@ def decode_image(data: bytes | None, size: int) -> tuple[np.ndarray | None, str 
     Handles EXIF orientation, grayscale/RGBA/CMYK/palette and 16-bit images; rejects empty,
     truncated or garbage bytes, tiny images and images over :data:`MAX_PIXELS`.
     """
+    arr, reason, _ = _decode(data, size)
+    return arr, reason
+
+
+def inspect_image(data: bytes | None, size: int) -> tuple[tuple[int, int] | None, str | None]:
+    """What the data path will make of an image: ``((width, height), None)`` if it decodes
+    (size after EXIF rotation, the frame boxes refer to), else ``(None, reason)``."""
+    _, reason, wh = _decode(data, size)
+    return wh, reason
+
+
+def _decode(data: bytes | None, size: int) -> tuple[np.ndarray | None, str | None, tuple[int, int] | None]:
     if data is None:
-        return None, "image is null"
+        return None, "image is null", None
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        return None, f"image is {type(data).__name__}, not encoded bytes", None
     if len(data) == 0:
-        return None, "image has zero bytes"
+        return None, "image has zero bytes", None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             w, h = img.size
             if w * h > MAX_PIXELS:
-                return None, f"image is {w}x{h}, over the {MAX_PIXELS} pixel limit"
+                return None, f"image is {w}x{h}, over the {MAX_PIXELS} pixel limit", None
             if min(w, h) < MIN_SIDE:
-                return None, f"image is {w}x{h}, smaller than {MIN_SIDE} px"
+                return None, f"image is {w}x{h}, smaller than {MIN_SIDE} px", None
             img.load()
-            img = ImageOps.exif_transpose(img)
+            try:
+                img = ImageOps.exif_transpose(img)
+            except Exception:  # noqa: BLE001 - a corrupt EXIF block: keep the pixels, unrotated
+                pass
             img = _to_rgb(img)
+            return _resize_center_crop(img, size), None, img.size
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad row, not a crash
-        return None, f"undecodable image: {type(exc).__name__}: {exc}"[:300]
-    return _resize_center_crop(img, size), None
+        # Without the "<_io.BytesIO object at 0x...>" PIL puts in its messages: reports stay comparable.
+        text = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exc))
+        return None, f"undecodable image: {type(exc).__name__}: {text}"[:300], None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0)
         hi = arr.max() if arr.size else 1.0
         arr = (arr / max(hi, 1.0) * 255.0).astype(np.uint8)
         return Image.fromarray(arr).convert("RGB")
@@ -63,6 +83,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def _resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
     w, h = img.size
+    if max(w, h) > 8 * min(w, h):
+        # A very elongated image (2 x 30M px is under the pixel limit) would be resized to an
+        # enormous strip before cropping: take the central square first.
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        img = img.crop((left, top, left + s, top + s))
+        w, h = img.size
     if (w, h) != (size, size):
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))

@@ -35,17 +35,18 @@ class IngestReport:
     skipped: list[dict] = field(default_factory=list)
 
 
-def _files(root: Path) -> Iterator[tuple[Path, str | None]]:
+def _files(root: Path) -> Iterator[tuple[Path, str | None, str | None]]:
+    """``(file, class or None, reason to skip or None)`` for every file under ``root``."""
     subdirs = sorted(p for p in root.iterdir() if p.is_dir())
-    if subdirs:
-        for d in subdirs:
-            for f in sorted(d.rglob("*")):
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                    yield f, d.name
-    else:
-        for f in sorted(root.iterdir()):
-            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                yield f, None
+    for f in sorted(root.iterdir()):
+        if f.is_file() and subdirs:
+            yield f, None, "not inside a class folder (the input has class sub-folders)"
+        elif f.is_file():
+            yield f, None, None if f.suffix.lower() in IMAGE_EXTENSIONS else "not an image file extension"
+    for d in subdirs:
+        for f in sorted(d.rglob("*")):
+            if f.is_file():
+                yield f, d.name, None if f.suffix.lower() in IMAGE_EXTENSIONS else "not an image file extension"
 
 
 def ingest_folder(src: str | Path, out_uri: str, val_frac: float = 0.1, test_frac: float = 0.1, rows_per_shard: int = sh.DEFAULT_ROWS_PER_SHARD, name: str | None = None) -> IngestReport:
@@ -56,17 +57,21 @@ def ingest_folder(src: str | Path, out_uri: str, val_frac: float = 0.1, test_fra
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
         raise ReprflowError(f"--val-frac {val_frac} and --test-frac {test_frac} must be in [0, 1) and sum below 1")
     report = IngestReport()
-    files = list(_files(root))
+    listed = list(_files(root))
+    files = [(f, c) for f, c, why in listed if why is None]
     if not files:
         raise ReprflowError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {src}")
+    # Nothing is dropped silently: files that are not images of this layout are in the report too.
+    report.skipped += [{"file": f.relative_to(root).as_posix(), "reason": why} for f, _, why in listed if why is not None]
     report.classes = sorted({c for _, c in files if c is not None})
     index = {c: i for i, c in enumerate(report.classes)}
     per_split: dict[str, list[dict]] = {s: [] for s in sh.SPLITS}
     for path, cls in files:
         rel = path.relative_to(root).as_posix()
         real = path.resolve()
-        if root not in real.parents:
-            report.skipped.append({"file": rel, "reason": "resolves outside the input folder (symlink); refused"})
+        if not real.is_relative_to(root) or real == root:
+            # A symlink (or a link through '..') must not pull in files from elsewhere on the machine.
+            report.skipped.append({"file": rel, "reason": "resolves outside the input folder (symlink or '..'); refused"})
             continue
         data = real.read_bytes()
         _, reason = decode_image(data, 8)
@@ -75,6 +80,10 @@ def ingest_folder(src: str | Path, out_uri: str, val_frac: float = 0.1, test_fra
             continue
         split = split_of(rel, val_frac, test_frac)
         per_split[split].append({"id": rel, "image": data, "label": index[cls] if cls is not None else None, "source": rel})
+    if not any(per_split.values()):
+        first = report.skipped[0]
+        raise ReprflowError(f"no usable images in {src}: all {len(report.skipped)} files were skipped "
+                            f"(first: {first['file']}: {first['reason']})")
     for split, rows in per_split.items():
         if rows:
             sh.write_shards(rows, sh.join(out_uri, split), rows_per_shard=rows_per_shard)
@@ -83,3 +92,14 @@ def ingest_folder(src: str | Path, out_uri: str, val_frac: float = 0.1, test_fra
     info = sh.DatasetInfo(name or root.name, report.classes, report.rows, sh.fingerprint_files(files_written), {"source": str(root), "skipped": len(report.skipped)})
     sh.write_dataset_info(out_uri, info)
     return report
+
+
+def ingest(src: str | Path, out_uri: str, val_frac: float = 0.1, test_frac: float = 0.1, name: str | None = None,
+           coco_captions: str | Path | None = None, coco_instances: str | Path | None = None) -> IngestReport:
+    """``reprflow ingest``: an image folder, or with COCO-style JSON files (captions and/or
+    instances) an image folder described by them (:func:`components.data.coco.ingest_coco`)."""
+    if coco_captions or coco_instances:
+        from components.data.coco import ingest_coco
+
+        return ingest_coco(src, out_uri, coco_captions, coco_instances, val_frac, test_frac, name=name)
+    return ingest_folder(src, out_uri, val_frac, test_frac, name=name)
