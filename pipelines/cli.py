@@ -11,7 +11,8 @@ from components.errors import ReprflowError
 
 EXAMPLES = {
     "run": "example:\n  reprflow run pipelines/quickstart.yaml --output out/quickstart\n  reprflow run pipelines/quickstart.yaml --set train.epochs=2 --force",
-    "ingest": "example:\n  reprflow ingest ~/photos/ --output data/photos --val-frac 0.1 --test-frac 0.1\n  (class per sub-folder = labelled; a flat folder = unlabelled)",
+    "ingest": "example:\n  reprflow ingest ~/photos/ --output data/photos --val-frac 0.1 --test-frac 0.1\n  (class per sub-folder = labelled; a flat folder = unlabelled)\n"
+              "  reprflow ingest ~/coco/train2017 --coco-captions captions_train2017.json --coco-instances instances_train2017.json --output data/coco",
     "validate": "example:\n  reprflow validate pipelines/quickstart.yaml",
     "submit": "example:\n  export MLFLOW_TRACKING_URI=http://mlflow.internal:5000 RAY_AUTH_TOKEN=$(ssh head ray get-auth-token)\n"
               "  reprflow submit --address http://head:8265 cluster/photos.yaml --set train.epochs=50 --follow\n"
@@ -59,9 +60,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from components.data.ingest import ingest_folder
+    from components.data.ingest import ingest
 
-    report = ingest_folder(args.src, args.output, args.val_frac, args.test_frac, name=args.name)
+    report = ingest(args.src, args.output, args.val_frac, args.test_frac, name=args.name, coco_captions=args.coco_captions, coco_instances=args.coco_instances)
     print(json.dumps({"rows": report.rows, "classes": report.classes, "skipped": len(report.skipped)}, indent=2))
     if report.skipped:
         path = Path(args.output) / "ingest_report.json" if "://" not in args.output else None
@@ -227,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--val-frac", type=float, default=0.1)
     i.add_argument("--test-frac", type=float, default=0.1)
     i.add_argument("--name", help="dataset name (default: the folder's name)")
+    i.add_argument("--coco-captions", metavar="JSON", help="COCO-style captions file: SRC is then the image folder its file_names are relative to")
+    i.add_argument("--coco-instances", metavar="JSON", help="COCO-style instances file (boxes), with or without --coco-captions")
     i.set_defaults(fn=_cmd_ingest)
 
     sb = sub.add_parser("submit", help="run a pipeline file on a Ray cluster as a Ray Job (the project is its working dir)", epilog=EXAMPLES["submit"], formatter_class=fmt)

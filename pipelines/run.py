@@ -199,11 +199,23 @@ def _arch_label(settings: dict) -> str:
 
 
 def run_pipeline(cfg: PipelineConfig, output: Path | None = None, force: bool = False, config_text: str | None = None) -> dict[str, Any]:
-    """Run a pipeline end to end; returns the comparison table (also written to ``output``)."""
+    """Run a pipeline end to end; returns the comparison table (also written to ``output``).
+
+    Before any work: the storage and checkpoint folders must be writable and MLflow reachable
+    (bounded retries, then a clear error); runs left RUNNING by a driver that died are marked
+    FAILED. This driver holds a lock file while it lives so later runs can tell.
+    """
+    from pipelines.train_loop import check_checkpoint_storage
+    from pipelines.tracking import redact
+
     t0 = time.monotonic()
     storage = cfg.storage_path()
-    storage.mkdir(parents=True, exist_ok=True)
+    try:
+        storage.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReprflowError(f"storage folder {storage} cannot be created: {exc.strerror or exc}") from None
     _check_writable(storage)
+    check_checkpoint_storage(storage / "ray_results")
     output = Path(output or storage / "runs" / time.strftime("%Y%m%d-%H%M%S"))
     output.mkdir(parents=True, exist_ok=True)
     cfg_json = cfg.model_dump(mode="json", by_alias=True)
@@ -211,24 +223,28 @@ def run_pipeline(cfg: PipelineConfig, output: Path | None = None, force: bool = 
     tracker = Tracker(cfg.tracking_uri(), cfg.mlflow.experiment or cfg.name, storage / "mlartifacts")
     run = PipelineRun(cfg, storage, tracker, config_hash, code_version())
     dag, table_steps = build_dag(cfg, resolve_model=lambda uri: _pinned_version(tracker.client, uri))
+    tracker.mark_stale_runs(storage)
     init_ray(cfg)
     parent = tracker.start_parent(f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", cfg_json, {"reprflow.pipeline": cfg.name, "reprflow.config_hash": config_hash, "reprflow.code_version": run.code_version})
-    tracker.log_text(parent, config_text or json.dumps(cfg_json, indent=2), "pipeline.yaml" if config_text else "pipeline.json")
-    print(f"[reprflow] pipeline '{cfg.name}': {len(dag.steps)} steps; MLflow run {parent} ({cfg.tracking_uri()})", flush=True)
-
-    runner = Runner(dag, storage, run, force=force, on_event=step_events(tracker, storage, lambda: runner.results))
-    for name in dag.steps:
-        if dag.steps[name].kind == "register":
-            dag.steps[name].still_valid = lambda result: registered_version_exists(run, result)
+    tracker.hold_driver_lock(storage, parent)
     try:
+        tracker.log_text(parent, config_text or json.dumps(cfg_json, indent=2), "pipeline.yaml" if config_text else "pipeline.json")
+        print(f"[reprflow] pipeline '{cfg.name}': {len(dag.steps)} steps; MLflow run {parent} ({redact(cfg.tracking_uri())})", flush=True)
+
+        runner = Runner(dag, storage, run, force=force, on_event=step_events(tracker, storage, lambda: runner.results))
+        for name in dag.steps:
+            if dag.steps[name].kind == "register":
+                dag.steps[name].still_valid = lambda result: registered_version_exists(run, result)
         results = runner.run_all()
+        table = comparison_table(cfg, dag, results, tracker, table_steps)
+        table["wall_seconds"] = time.monotonic() - t0
+        write_report(table, output, tracker, parent)
+        tracker.finish(parent)
     except BaseException:
-        tracker.finish(parent, "FAILED")
+        tracker.finish(parent, "FAILED", best_effort=True)
         raise
-    table = comparison_table(cfg, dag, results, tracker, table_steps)
-    table["wall_seconds"] = time.monotonic() - t0
-    write_report(table, output, tracker, parent)
-    tracker.finish(parent)
+    finally:
+        tracker.release_driver_lock()
     table["output"] = str(output)
     table["mlflow_url"] = tracker.run_url(parent)
     return table
@@ -238,7 +254,9 @@ def step_events(tracker: Tracker, storage: Path, results):
     """The Runner's event callback: progress lines and one MLflow child run per step.
 
     ``results()`` returns the finished steps' results (for lineage tags). Shared by
-    ``reprflow run`` and ``reprflow retrain``.
+    ``reprflow run`` and ``reprflow retrain``. A cached step's run carries the step's original
+    ``step_seconds``, so a rerun's records match a fresh run's. Recording a failure is best
+    effort: with MLflow gone it must not hide the error itself.
     """
 
     def on_event(event: str, step: Step, info: dict) -> None:
@@ -249,6 +267,8 @@ def step_events(tracker: Tracker, storage: Path, results):
         elif event == "cached":
             print(f"[step] {step.name} cached ({step.key}), skipped", flush=True)
             rid = tracker.start_child(step.name, {**tags, "reprflow.cached": "true"})
+            if info["result"].seconds:
+                tracker.log_metrics(rid, {"step_seconds": info["result"].seconds})
             _log_result(tracker, rid, step, info["result"], storage)
             tracker.finish(rid)
         elif event == "done":
@@ -257,14 +277,25 @@ def step_events(tracker: Tracker, storage: Path, results):
             tracker.log_metrics(rid, {"step_seconds": info["seconds"]})
             _log_result(tracker, rid, step, info["result"], storage)
             tracker.finish(rid)
-        elif event == "failed":
+        elif event == "interrupted":
+            print(f"[step] {step.name} finished after another step failed; cached for the rerun", flush=True)
             rid = tracker.child_ids.get(step.name)
             if rid:
-                tracker.set_tags(rid, {"reprflow.error": repr(info["error"])[:4000]})
-                tracker.log_text(rid, "".join(traceback.format_exception(info["error"])), "error.txt")
-                tracker.finish(rid, "FAILED")
+                tracker.record_failure(rid, None, status="KILLED")
+        elif event == "failed":
+            rid = tracker.child_ids.get(step.name)
+            print(f"[step] {step.name} failed: {_one_line(info['error'])}", flush=True)
+            if rid:
+                tracker.record_failure(rid, info["error"])
 
     return on_event
+
+
+def _one_line(exc: BaseException) -> str:
+    from pipelines.tracking import redact
+
+    text = str(exc).strip().splitlines()
+    return redact(f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__)
 
 
 def lineage_tags(step: Step, results: dict[str, StepResult]) -> dict[str, str]:

@@ -16,7 +16,6 @@ import ray
 import torch
 
 from components.data import shards as sh
-from components.data.decode import decode_image
 from components.data.scenes import SHAPES, scene_rows
 from components.evaluation.knn import knn_top1
 from components.evaluation.linear import fit_linear_probe
@@ -31,24 +30,17 @@ from pipelines.dag import StepContext, StepResult
 @ray.remote(num_cpus=1)
 def _scan_file(file_uri: str, decode_size: int) -> dict:
     """Decode every row of one shard: count rows and list the bad ones with file and row."""
-    import pyarrow.parquet as pq
-
-    fs, path = sh.resolve(file_uri)
-    bad, n = [], 0
-    with fs.open_input_file(path) as f:
-        pf = pq.ParquetFile(f)
-        for rg in range(pf.num_row_groups):
-            t = pf.read_row_group(rg, columns=["id", "image"])
-            for rid, img in zip(t.column("id").to_pylist(), t.column("image").to_pylist()):
-                _, reason = decode_image(img, decode_size)
-                if reason:
-                    bad.append({"file": file_uri, "row": n, "id": rid, "reason": reason})
-                n += 1
-    return {"file": file_uri, "rows": n, "bad": bad}
+    return sh.scan_shard(file_uri, decode_size)
 
 
 def dataset_step(ctx: StepContext) -> StepResult:
-    """Materialise a dataset (render scenes, or point at existing shards), then scan it."""
+    """Materialise a dataset (render scenes, or point at existing shards), then scan it.
+
+    Shard-level problems (not Parquet, a missing column, wrong types, no rows, a foreign file
+    among the shards) stop here, naming the file. Row-level problems (images that do not decode,
+    duplicate ids, empty or huge captions, bad boxes) go to ``bad_rows.json`` (file, row, id,
+    column, reason, action), which is logged to MLflow; the run continues.
+    """
     spec = ctx.step.settings["spec"]
     if spec["kind"] == "scenes":
         root = str(ctx.out_dir / "data")
@@ -60,25 +52,27 @@ def dataset_step(ctx: StepContext) -> StepResult:
         classes = sh.read_dataset_info(root).classes
     files = {}
     for split in sh.SPLITS:
-        try:
-            files[split] = sh.list_shards(sh.join(root, split))
-        except Exception:  # noqa: BLE001 - a dataset may lack a split; the consumer says if it needs it
-            files[split] = []
+        files[split] = sh.list_shards(sh.join(root, split), missing_ok=True)  # a dataset may lack a split; the consumer says if it needs it
         for f in files[split]:
             sh.check_shard_schema(f)
-    scans = ray.get([_scan_file.remote(f, ctx.step.settings["decode_size"]) for fs_ in files.values() for f in fs_])
+    all_files = [f for fs_ in files.values() for f in fs_]
+    scans = ray.get([_scan_file.remote(f, ctx.step.settings["decode_size"]) for f in all_files])
     rows = {s: sum(r["rows"] for r in scans if r["file"] in files[s]) for s in sh.SPLITS}
-    bad = [b for r in scans for b in r["bad"]]
+    bad = [b for r in scans for b in r["bad"]] + sh.duplicate_ids(all_files)
     (ctx.out_dir / "bad_rows.json").write_text(json.dumps(bad, indent=2))
-    fingerprint = sh.fingerprint_files([f for fs_ in files.values() for f in fs_])
+    fingerprint = sh.fingerprint_files(all_files)
     if spec["kind"] == "scenes":
         sh.write_dataset_info(root, sh.DatasetInfo(ctx.step.name, classes, rows, fingerprint, {"generator": spec}))
+    counts = {c: sum(1 for b in bad if b["column"] == c) for c in ("image", "id", "captions", "boxes")}
+    skipped = len({(b["file"], b["row"]) for b in bad if b["action"] == "skipped"})
     if bad:
-        print(f"[data] {len(bad)} bad rows (undecodable images) listed in {ctx.out_dir / 'bad_rows.json'}", flush=True)
+        parts = ", ".join(f"{n} {c}" for c, n in counts.items() if n)
+        print(f"[data] {len(bad)} row problems ({parts}); {skipped} rows skipped (unusable image), the rest kept; "
+              f"each listed with file and row in {ctx.out_dir / 'bad_rows.json'} (logged to MLflow)", flush=True)
     return StepResult(
         outputs={"root": root, "files": files, "classes": classes, "rows": rows, "fingerprint": fingerprint},
-        metrics={"rows_" + s: n for s, n in rows.items()} | {"bad_rows": len(bad)},
-        params={"kind": spec["kind"], "root": root, "fingerprint": fingerprint},
+        metrics={"rows_" + s: n for s, n in rows.items()} | {"bad_rows": len(bad), "skipped_rows": skipped} | {f"bad_rows_{c}": n for c, n in counts.items()},
+        params={"kind": spec["kind"], "root": sh.safe_uri(root), "fingerprint": fingerprint},
         artifacts=["bad_rows.json"],
     )
 
@@ -104,13 +98,17 @@ def train_step(ctx: StepContext) -> StepResult:
         views=method.views, out_dir=ctx.out_dir, resources=resources,
     )
     loss_curve(out["history"], ctx.out_dir / "loss_curve.png", title=f"{s['method']} training loss")
+    # Figures the method draws of itself (e.g. MAE's reconstructions), logged beside the curve.
+    from pipelines.figures import method_figures
+
+    figures = method_figures(s["method"], s["settings"], out["state"], data["files"]["train"], train.decode_size, ctx.out_dir)
     last = out["history"][-1] if out["history"] else {}
     return StepResult(
         outputs={"state": out["state"], "method": s["method"], "settings": s["settings"]},
         metrics={f"final_{k}": v for k, v in last.items() if k in ("loss", "images_per_s", "epoch", "step")},
         history=out["history"],
         params={"method": s["method"], "settings": s["settings"], "train": train.model_dump(), "seed": s["seed"], "views": method.views.to_dict()},
-        artifacts=["history.json", "loss_curve.png"],
+        artifacts=["history.json", "loss_curve.png", *figures],
     )
 
 
@@ -134,7 +132,7 @@ def text_tokenizer_step(ctx: StepContext) -> StepResult:
     s = ctx.step.settings
     data = ctx.inputs[s["dataset_step"]].outputs
     fit = text_tokenizer_fit(s["kind"])
-    captions = (r["caption"] for f in data["files"]["train"] for r in sh.read_rows(f, ["caption"]) if r.get("caption"))
+    captions = (c for f in data["files"]["train"] for r in sh.read_rows(f, ["captions"]) for c in (r.get("captions") or []) if c)
     written = fit(captions, s["settings"], ctx.out_dir)
     files = {k: str(ctx.out_dir / v) for k, v in written.items()}
     return StepResult(outputs={"kind": s["kind"], "settings": s["settings"], "files": files},

@@ -18,6 +18,7 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 # Tiny per-method settings used by the shared session pipeline run (tests/integration).
 # A new method adds one entry here and a test module asserting on its row.
+_TINY_VIT = {"name": "vit_tiny", "patch_size": 4, "img_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 2}
 TINY_METHODS: dict[str, dict] = {
     "simclr": {"image_size": 16, "proj_hidden_dim": 64, "proj_dim": 32, "temperature": 0.2, "optim": {"lr": 0.6, "warmup_epochs": 0}},
     "nnclr": {"image_size": 16, "proj_hidden_dim": 64, "proj_dim": 32, "pred_hidden_dim": 64, "support_set_size": 256, "temperature": 0.1, "optim": {"lr": 1.2, "warmup_epochs": 0}},
@@ -29,13 +30,29 @@ TINY_METHODS: dict[str, dict] = {
                "proj_hidden_dim": 64, "proj_dim": 32, "pred_hidden_dim": 64, "optim": {"lr": 0.04, "warmup_epochs": 0}},
     "dino": {"image_size": 16, "local_size": 8, "n_local": 4, "backbone": {"name": "vit_tiny", "patch_size": 4, "img_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 2},
              "hidden_dim": 64, "bottleneck_dim": 32, "out_dim": 256, "warmup_teacher_temp_epochs": 1, "optim": {"lr": 0.04, "warmup_epochs": 0}},
+    "mae": {"image_size": 16, "backbone": _TINY_VIT, "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "optim": {"lr": 0.01, "warmup_epochs": 0}},
+    "beit": {"image_size": 16, "backbone": _TINY_VIT, "tokenizer": "tiny-vqvae", "num_codes": 64, "min_block": 4, "optim": {"lr": 0.01, "warmup_epochs": 0}},
+    "beitv2": {"image_size": 16, "backbone": _TINY_VIT, "tokenizer": "tiny-vqkd", "num_codes": 64, "min_block": 4, "optim": {"lr": 0.01, "warmup_epochs": 0}},
+    # Reads region features from the run's SimCLR (frozen) and captions through tokenizer[tiny-text].
+    "visualbert": {"encoder": "simclr", "tokenizer": "tiny-text", "image_size": 32, "hidden_dim": 32, "depth": 1, "num_heads": 2, "vocab_size": 256,
+                   "max_text_len": 32, "optim": {"lr": 0.01, "warmup_epochs": 0}},
+}
+# Image tokenizers of the shared run (a ``tokenizers:`` entry each): BEiT's VQ-VAE and BEiT v2's
+# VQ-KD, whose teacher is the run's DINO (train[dino] -> tokenizer[tiny-vqkd] -> train[beitv2]).
+TINY_TOKENIZERS: dict[str, dict] = {
+    "tiny-vqvae": {"kind": "vqvae", "settings": {"image_size": 16, "patch_size": 4, "num_codes": 64, "code_dim": 16, "hidden_dim": 32, "optim": {"lr": 0.01, "warmup_epochs": 0}}},
+    "tiny-vqkd": {"kind": "vqkd", "settings": {"image_size": 16, "backbone": _TINY_VIT, "teacher": "dino", "num_codes": 64, "code_dim": 16, "decoder_depth": 1,
+                                               "optim": {"lr": 0.01, "warmup_epochs": 0}}},
+    "tiny-text": {"kind": "wordpiece", "settings": {"vocab_size": 200}},  # VisualBERT's captions
 }
 
 
-def tiny_config(storage: Path, name: str = "tiny", methods: dict[str, dict] | None = None, **train) -> dict:
-    """A pipeline dict small enough for tests: 192/96/96 scenes, 2 short epochs."""
+def tiny_config(storage: Path, name: str = "tiny", methods: dict[str, dict] | None = None, tokenizers: dict[str, dict] | None = None, **train) -> dict:
+    """A pipeline dict small enough for tests: 192/96/96 scenes, 2 short epochs; ``tokenizers``
+    is the ``tokenizers:`` section (entries the methods refer to)."""
     methods = copy.deepcopy(methods if methods is not None else {"simclr": TINY_METHODS["simclr"]})
     return {
+        **({"tokenizers": copy.deepcopy(tokenizers)} if tokenizers else {}),
         "name": name,
         "seed": 0,
         "storage": str(storage),
@@ -59,12 +76,12 @@ def ray_session():
     ray.shutdown()
 
 
-def run_tiny(storage: Path, name: str, methods: dict[str, dict], output: Path | None = None, **train):
-    """Run a tiny pipeline with ``methods``; returns ``(config, comparison table)``."""
+def run_tiny(storage: Path, name: str, methods: dict[str, dict], output: Path | None = None, tokenizers: dict[str, dict] | None = None, **train):
+    """Run a tiny pipeline with ``methods`` (and the ``tokenizers`` they refer to); returns ``(config, comparison table)``."""
     from pipelines.config import parse_config
     from pipelines.run import run_pipeline
 
-    cfg = parse_config(tiny_config(storage, name=name, methods=methods, **train))
+    cfg = parse_config(tiny_config(storage, name=name, methods=methods, tokenizers=tokenizers, **train))
     return cfg, run_pipeline(cfg, output or storage / "out")
 
 
@@ -76,7 +93,7 @@ def methods_run(ray_session, tmp_path_factory):
     each paying for a pipeline run.
     """
     root = tmp_path_factory.mktemp("methods")
-    return run_tiny(root / "store", "methods", TINY_METHODS, root / "out", num_workers=0, epochs=3)
+    return run_tiny(root / "store", "methods", TINY_METHODS, root / "out", tokenizers=TINY_TOKENIZERS, num_workers=0, epochs=3)
 
 
 def method_outcome(cfg, name: str) -> dict:

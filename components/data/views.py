@@ -42,6 +42,10 @@ class ViewSpec:
     gray_p: float = 0.2
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    # blur_sigma is in pixels of a view of this side (the papers' 224 px); a view of side s blurs
+    # with sigma * s / blur_reference_size, so a 16-px view is blurred as much *relative to its
+    # content* as a 224-px one (sigma 2 px on a 16-px view would erase the shapes).
+    blur_reference_size: int = 224
     solarize_p: float = 0.0
 
 
@@ -50,15 +54,26 @@ class ViewRecipe:
     """The views every sample becomes, keyed ``view_0``, ``view_1``, ... in order."""
 
     views: tuple[ViewSpec, ...] = field(default_factory=lambda: (ViewSpec(), ViewSpec()))
+    # Vision-language methods also need the row's text and regions (components/data/regions.py):
+    # > 0 adds a uint8 ``caption`` column of this many UTF-8 bytes (one caption drawn per sample)
+    caption_bytes: int = 0
+    # > 0 adds a float32 ``boxes`` column (N, max_boxes, 4): boxes normalised to the decoded image, -1 = none
+    max_boxes: int = 0
 
     def to_dict(self) -> dict:
         """A JSON-able description (for configs, cache keys and MLflow params)."""
-        return {"views": [asdict(v) for v in self.views]}
+        extra = {k: v for k, v in (("caption_bytes", self.caption_bytes), ("max_boxes", self.max_boxes)) if v}
+        return {"views": [asdict(v) for v in self.views], **extra}
 
     @property
     def keys(self) -> list[str]:
         """Batch keys of the views, in order."""
         return [f"view_{i}" for i in range(len(self.views))]
+
+    @property
+    def columns(self) -> list[str]:
+        """Shard columns the recipe reads."""
+        return ["id", "image", *(["captions"] if self.caption_bytes else []), *(["boxes"] if self.max_boxes else [])]
 
 
 def two_crop_views(size: int = 32, **overrides) -> ViewRecipe:
@@ -85,6 +100,13 @@ def _bernoulli(n: int, p: float, g: torch.Generator | None) -> torch.Tensor:
     return torch.rand(n, generator=g) < p
 
 
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # Random parameters are drawn on the CPU (one generator, so a seed gives the same views on
+    # any device) and copied without blocking: a blocking copy to a GPU waits for all queued
+    # work, which would stall the host between the views and the training step.
+    return t if t.device == device else t.to(device, non_blocking=True)
+
+
 def crop_boxes(n: int, h: int, w: int, spec: ViewSpec, g: torch.Generator | None) -> torch.Tensor:
     """Random-resized-crop boxes ``(n, 4)`` as ``x0, y0, x1, y1`` in pixels."""
     area = _uniform(n, *spec.scale, g) * h * w
@@ -101,15 +123,17 @@ def augment(x: torch.Tensor, spec: ViewSpec, g: torch.Generator | None = None) -
     """One view of a float batch (N, 3, H, W) in [0, 255]; returns uint8 (N, 3, size, size)."""
     n, _, h, w = x.shape
     dev = x.device
+    if n == 0:  # every image of the batch was undecodable (reported by the dataset scan): no views, no error
+        return torch.zeros((0, 3, spec.size, spec.size), dtype=torch.uint8, device=dev)
     boxes = crop_boxes(n, h, w, spec, g)
     # One bilinear sample per output pixel (exact at 1:1) unless some crop shrinks by more than
     # 2x; then sampling_ratio=0 (adaptive: ceil(crop/out) samples per pixel) anti-aliases, at
     # about twice the cost. Decoding once to ~1.3x the view size keeps the fast path common.
     shrink = float(torch.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]).max()) / spec.size
-    rois = torch.cat([torch.arange(n, dtype=torch.float32)[:, None], boxes], dim=1).to(dev)
+    rois = _to(torch.cat([torch.arange(n, dtype=torch.float32)[:, None], boxes], dim=1), dev)
     v = roi_align(x, rois, output_size=(spec.size, spec.size), spatial_scale=1.0, sampling_ratio=1 if shrink <= 2 else 0, aligned=True)
 
-    flip = _bernoulli(n, spec.flip_p, g).to(dev)
+    flip = _to(_bernoulli(n, spec.flip_p, g), dev)
     v = torch.where(flip[:, None, None, None], v.flip(3), v)
 
     jit = _bernoulli(n, spec.jitter_p, g)
@@ -117,13 +141,13 @@ def augment(x: torch.Tensor, spec: ViewSpec, g: torch.Generator | None = None) -
     if jit.any() or gray.any():
         v = _colour(v, jit, gray, spec, g)
     blur = _bernoulli(n, spec.blur_p, g)
-    sigma = _uniform(n, *spec.blur_sigma, g)
+    sigma = _uniform(n, *spec.blur_sigma, g) * (spec.size / spec.blur_reference_size)
     if blur.any():
-        idx = blur.nonzero().squeeze(1).to(dev)
-        v[idx] = gaussian_blur(v[idx], sigma[blur].to(dev))
-    sol = _bernoulli(n, spec.solarize_p, g).to(dev)
+        idx = _to(blur.nonzero().squeeze(1), dev)
+        v[idx] = gaussian_blur(v[idx], _to(sigma[blur], dev))
+    sol = _bernoulli(n, spec.solarize_p, g)
     if sol.any():
-        v = torch.where(sol[:, None, None, None] & (v >= 128), 255.0 - v, v)
+        v = torch.where(_to(sol, dev)[:, None, None, None] & (v >= 128), 255.0 - v, v)
     return v.round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -158,10 +182,17 @@ def _colour(v: torch.Tensor, jit: torch.Tensor, gray: torch.Tensor, spec: ViewSp
     m = torch.where(gray[:, None, None], ones_w @ m, m)
     # Contrast pulls towards the image's mean gray (after brightness); gray, saturation and hue
     # maps all fix the gray axis, so the offset passes through them unchanged.
-    mean_gray = torch.einsum("c,nchw->n", _GRAY_W.to(dev, v.dtype), v) / (v.shape[2] * v.shape[3])
-    offset = ((1 - c) * b).to(dev, v.dtype) * mean_gray
-    out = torch.einsum("nij,njhw->nihw", m.to(dev, v.dtype), v) + offset[:, None, None, None]
-    return out.clamp_(0, 255)
+    gray_w, m = _to(_GRAY_W, dev).to(v.dtype), _to(m, dev).to(v.dtype)
+    if v.is_cuda:
+        # Elementwise, not einsum: a GPU may run einsum's matrix products in TF32 (10-bit
+        # mantissa), which would move pixels by a rounding step against the CPU's views.
+        mean_gray = (v * gray_w.view(1, 3, 1, 1)).sum((1, 2, 3)) / (v.shape[2] * v.shape[3])
+        out = sum(m[:, :, j, None, None] * v[:, j : j + 1] for j in range(3))
+    else:
+        mean_gray = torch.einsum("c,nchw->n", gray_w, v) / (v.shape[2] * v.shape[3])
+        out = torch.einsum("nij,njhw->nihw", m, v)
+    offset = _to((1 - c) * b, dev).to(v.dtype) * mean_gray
+    return (out + offset[:, None, None, None]).clamp_(0, 255)
 
 
 def gaussian_blur(v: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -176,8 +207,17 @@ def gaussian_blur(v: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     kern = torch.where(sigma[:, None] > 0, kern, (t[None] == 0).to(v.dtype))
     weight = kern.repeat_interleave(ch, dim=0)  # (n*ch, k)
     flat = v.reshape(1, n * ch, h, w)
-    flat = F.conv2d(F.pad(flat, (r, r, 0, 0), mode="reflect"), weight[:, None, None, :], groups=n * ch)
-    flat = F.conv2d(F.pad(flat, (0, 0, r, r), mode="reflect"), weight[:, None, :, None], groups=n * ch)
+    # Full fp32 on a GPU too (cuDNN runs fp32 convolutions in TF32 by default), so GPU views
+    # match the CPU's to rounding.
+    tf32 = v.is_cuda and torch.backends.cudnn.allow_tf32
+    if tf32:
+        torch.backends.cudnn.allow_tf32 = False
+    try:
+        flat = F.conv2d(F.pad(flat, (r, r, 0, 0), mode="reflect"), weight[:, None, None, :], groups=n * ch)
+        flat = F.conv2d(F.pad(flat, (0, 0, r, r), mode="reflect"), weight[:, None, :, None], groups=n * ch)
+    finally:
+        if tf32:
+            torch.backends.cudnn.allow_tf32 = True
     return flat.reshape(n, ch, h, w)
 
 
@@ -191,11 +231,17 @@ def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Te
 def views_from_encoded(batch: dict, recipe: ViewRecipe, decode_size: int, generator: torch.Generator | None = None) -> dict:
     """The data path's one function: encoded image bytes -> uint8 views (numpy, NCHW).
 
-    ``batch`` is a column dict with ``image`` (bytes) and ``id``. Rows whose image cannot be
+    ``batch`` is a column dict with ``image`` (bytes) and ``id`` (plus ``captions``/``boxes`` when
+    the recipe asks for them: see :attr:`ViewRecipe.columns`). Rows whose image cannot be
     decoded are left out here; the dataset scan step has already counted and reported them.
     """
     from components.data.decode import decode_batch
 
-    imgs, _, _ = decode_batch(batch["image"], batch["id"], decode_size)
+    imgs, keep, _ = decode_batch(batch["image"], batch["id"], decode_size)
     views = make_views(torch.from_numpy(imgs), recipe, generator)
-    return {k: v.numpy() for k, v in views.items()}
+    out = {k: v.numpy() for k, v in views.items()}
+    if recipe.caption_bytes or recipe.max_boxes:
+        from components.data.regions import text_and_regions
+
+        out.update(text_and_regions(batch, keep, decode_size, recipe.caption_bytes, recipe.max_boxes, generator))
+    return out

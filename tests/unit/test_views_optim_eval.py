@@ -98,3 +98,17 @@ def test_knn_matches_brute_force_and_separable_probe():
     assert knn_top1(x, y, q, torch.arange(15) % 3, 3) == 100.0
     probe = fit_linear_probe(x, y, q, torch.arange(15) % 3, 3)
     assert probe.top1(q, torch.arange(15) % 3) == 100.0
+
+
+def test_blur_sigma_scales_with_the_view_size():
+    """sigma is given at 224 px; a 16-px view blurs with sigma * 16 / 224 (same blur relative to content)."""
+    from components.data.views import ViewSpec, augment, gaussian_blur
+
+    x = torch.rand(4, 3, 16, 16) * 255
+    plain = ViewSpec(size=16, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0, jitter_p=0, gray_p=0, blur_p=0)
+    blurred = ViewSpec(size=16, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0, jitter_p=0, gray_p=0, blur_p=1, blur_sigma=(2.0, 2.0))
+    a = augment(x, plain, torch.Generator().manual_seed(0)).float()
+    b = augment(x, blurred, torch.Generator().manual_seed(0)).float()
+    expected = gaussian_blur(a, torch.full((4,), 2.0 * 16 / 224)).round().clamp(0, 255)
+    assert (b - expected).abs().max() <= 1
+    assert (b - gaussian_blur(a, torch.full((4,), 2.0))).abs().max() > 10  # not the unscaled 2-px blur
