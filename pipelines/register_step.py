@@ -10,6 +10,7 @@ into its own run, gate, alias) instead of training or registering again.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,11 @@ from pipelines.steps import EncoderBuilder
 TAG_REGISTRATION = "reprflow.registration"  # pending -> complete
 TAG_REGISTER_KEY = "reprflow.register_key"  # the register step's key
 TAG_STATE_SHA = "reprflow.state_sha256"  # the registered training state
+
+
+# Register steps run in driver threads; torch.export (pt2 serialisation) keeps global tracing
+# state, and two exports at once fail with "fake tensor in the exported program constants".
+_EXPORT_LOCK = threading.Lock()
 
 
 def model_name(pipeline: str, method: str) -> str:
@@ -97,7 +103,8 @@ def log_version(ctx: StepContext, *, name: str, method: str, settings: dict, sta
     def log_artifacts():
         with mlflow.start_run(run_id=run_id):
             if resume is None:
-                info["model"] = mlflow.pytorch.log_model(model, name="model", input_example=example, serialization_format="pt2")
+                with _EXPORT_LOCK:  # torch.export is not thread-safe: concurrent register steps corrupt each other's traces
+                    info["model"] = mlflow.pytorch.log_model(model, name="model", input_example=example, serialization_format="pt2")
             mlflow.log_artifacts(str(ctx.out_dir / "encoder"), "encoder")
             for f in state_files:
                 mlflow.log_artifact(f, "training_state")
