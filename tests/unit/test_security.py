@@ -261,7 +261,7 @@ def test_unreachable_tracking_server_bounded_retries_then_a_clear_error(monkeypa
     took = time.monotonic() - t0
     msg = str(err.value)
     attempts = int(re.search(r"failed (\d+) time", msg).group(1))
-    assert 1.5 < took < 10 and attempts >= 3  # backed off 0.5, 1, 2 ... within the budget, then stopped
+    assert 1.0 < took <= 3 + 2 and attempts >= 3  # backed off (0.5 s, 1 s, ... jittered) within the 3 s budget, then stopped
     assert f"MLflow at http://***@127.0.0.1:{port} is unreachable" in msg and "rerun the same command" in msg and SECRETS["basic"] not in msg
     assert capsys.readouterr().err.count("retrying for up to 3s") == 1
 
