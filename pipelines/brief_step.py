@@ -114,7 +114,7 @@ class BagOfWordsBuilder:
 def brief_embed_step(ctx: StepContext) -> StepResult:
     """Embed the eval dataset's splits as bags of binary words (codebook learnt on its train split)."""
     from pipelines.plots import pca_scatter
-    from pipelines.ray_data import embed_files
+    from pipelines.ray_data import embed_splits
 
     s = ctx.step.settings
     brief = s["brief"]
@@ -131,17 +131,7 @@ def brief_embed_step(ctx: StepContext) -> StepResult:
     codebook = ray.get(_learn_codebook.remote(sample, size, brief["codebook_iterations"], s["seed"]))
     np.save(ctx.out_dir / "brief_codebook.npy", codebook)
 
-    splits = {split: data["files"][split] for split in ("train", "val", "test") if data["files"].get(split)}
-    per_file = embed_files([f for fs_ in splits.values() for f in fs_], BagOfWordsBuilder(brief, codebook), s["decode_size"], s["batch_size"])
-    outputs: dict[str, Any] = {}
-    for split, files in splits.items():
-        got = [per_file[f] for f in files if f in per_file]
-        if not got:
-            continue
-        ids, labels, feats = (np.concatenate([g[i] for g in got]) for i in range(3))
-        path = ctx.out_dir / f"embeddings-{split}.npz"
-        np.savez(path, ids=ids.astype(str), labels=labels, feats=feats.astype(np.float32))
-        outputs[split] = str(path)
+    outputs = embed_splits(data["files"], BagOfWordsBuilder(brief, codebook), s["decode_size"], s["batch_size"], ctx.out_dir)
 
     artifacts = ["brief_codebook.npy"]
     metrics = {f"train_{k}": v for k, v in stats.items()} | {"codebook_descriptors": float(len(sample))}

@@ -192,22 +192,12 @@ def read_embeddings(output: str) -> tuple[np.ndarray, np.ndarray]:
 def embed_registered_step(ctx: StepContext) -> StepResult:
     """Embed the eval dataset's splits with a registered version's ``encoder/`` (as the embed step does
     with a training state), so a champion is re-measured on exactly the challenger's data."""
-    from pipelines.ray_data import embed_files
+    from pipelines.ray_data import embed_splits
 
     s = ctx.step.settings
     data = ctx.inputs[s["dataset_step"]].outputs
     build = RegisteredEncoder.from_run(ctx.run.tracker.client, s["run_id"])
-    splits = {split: data["files"][split] for split in sh.SPLITS if data["files"].get(split)}
-    per_file = embed_files([f for fs_ in splits.values() for f in fs_], build, s["decode_size"], s["batch_size"])
-    outputs = {}
-    for split, files in splits.items():
-        got = [per_file[f] for f in files if f in per_file]
-        if not got:
-            continue
-        ids, labels, feats = (np.concatenate([g[i] for g in got]) for i in range(3))
-        path = ctx.out_dir / f"embeddings-{split}.npz"
-        np.savez(path, ids=ids.astype(str), labels=labels, feats=feats.astype(np.float32))
-        outputs[split] = str(path)
+    outputs = embed_splits(data["files"], build, s["decode_size"], s["batch_size"], ctx.out_dir)
     return StepResult(outputs=outputs, params={"representation": s["label"], "model_uri": s["model_uri"]})
 
 

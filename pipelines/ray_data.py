@@ -107,3 +107,22 @@ def embed_files(files: list[str], build: Any, decode_size: int, batch_size: int 
         if chunks:
             result[f] = tuple(np.concatenate([c[i] for c in chunks]) for i in range(3))
     return result
+
+
+def embed_splits(files: dict, build, decode_size: int, batch_size: int, out_dir) -> dict[str, str]:
+    """Embed every split's shard files in one Ray Data pass; write ``embeddings-<split>.npz``
+    (ids, labels, feats) per split into ``out_dir``; returns ``{split: path}``."""
+    import numpy as np
+
+    splits = {split: fs for split, fs in files.items() if split in ("train", "val", "test") and fs}
+    per_file = embed_files([f for fs in splits.values() for f in fs], build, decode_size, batch_size)
+    outputs = {}
+    for split, fs in splits.items():
+        got = [per_file[f] for f in fs if f in per_file]
+        if not got:
+            continue
+        ids, labels, feats = (np.concatenate([g[i] for g in got]) for i in range(3))
+        path = f"{out_dir}/embeddings-{split}.npz"
+        np.savez(path, ids=ids.astype(str), labels=labels, feats=feats.astype(np.float32))
+        outputs[split] = path
+    return outputs

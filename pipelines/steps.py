@@ -161,23 +161,13 @@ class EncoderBuilder:
 def embed_step(ctx: StepContext) -> StepResult:
     """Embed the eval dataset's splits with a frozen encoder (Ray Data batch inference)."""
     from pipelines.plots import pca_scatter
-    from pipelines.ray_data import embed_files
+    from pipelines.ray_data import embed_splits
 
     s = ctx.step.settings
     data = ctx.inputs[s["dataset_step"]].outputs
     state = ctx.inputs[s["train_step"]].outputs["state"] if s.get("train_step") else None
     build = EncoderBuilder(s["method"], s["settings"], state, s["seed"])
-    splits = {split: data["files"][split] for split in ("train", "val", "test") if data["files"].get(split)}
-    per_file = embed_files([f for fs_ in splits.values() for f in fs_], build, s["decode_size"], s["batch_size"])
-    outputs: dict[str, Any] = {}
-    for split, files in splits.items():
-        got = [per_file[f] for f in files if f in per_file]
-        if not got:
-            continue
-        ids, labels, feats = (np.concatenate([g[i] for g in got]) for i in range(3))
-        path = ctx.out_dir / f"embeddings-{split}.npz"
-        np.savez(path, ids=ids.astype(str), labels=labels, feats=feats.astype(np.float32))
-        outputs[split] = str(path)
+    outputs = embed_splits(data["files"], build, s["decode_size"], s["batch_size"], ctx.out_dir)
     artifacts = []
     if "val" in outputs:
         z = np.load(outputs["val"])
