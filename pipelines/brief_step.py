@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import ray
@@ -139,8 +138,8 @@ def brief_embed_step(ctx: StepContext) -> StepResult:
         z = np.load(outputs["val"])
         pca_scatter(z["feats"], z["labels"], data["classes"], ctx.out_dir / "embeddings_pca.png", title=f"{ctx.step.name}: val embeddings (PCA)")
         artifacts.append("embeddings_pca.png")
-    pair_split = "val" if splits.get("val") else next(iter(splits))
-    pair = match_plot(splits[pair_split][0], brief, s["decode_size"], ctx.out_dir / "brief_matches.png")
+    pair_split = next(split for split in ("val", "train", "test") if data["files"].get(split))
+    pair = match_plot(data["files"][pair_split][0], brief, s["decode_size"], ctx.out_dir / "brief_matches.png")
     if pair is not None:
         metrics |= pair
         artifacts.append("brief_matches.png")

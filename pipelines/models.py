@@ -213,7 +213,9 @@ def upstream_from_registry(client, uri: str, dest: Path):
     artifacts = {a.path for a in client.list_artifacts(mv.run_id)}
     if "tokenizer" in artifacts:
         local = Path(client.download_artifacts(mv.run_id, "tokenizer", str(dest)))
-        meta = json.loads((local / "tokenizer.json").read_text())
+        from pipelines.register_step import TOKENIZER_META
+
+        meta = json.loads((local / TOKENIZER_META).read_text())
         return Upstream(kind="tokenizer", name=meta["kind"], settings=meta["settings"],
                         state_path=str(local / meta["state"]) if meta.get("state") else None,
                         files={k: str(local / v) for k, v in meta["files"].items()})

@@ -204,12 +204,13 @@ def registered_version_exists(run, result: StepResult) -> bool:
 
 
 TOKENIZER_DIR = "tokenizer"
+TOKENIZER_META = "reprflow-tokenizer.json"  # beside the fitted files, which may be called tokenizer.json themselves
 
 
 def register_tokenizer_step(ctx: StepContext) -> StepResult:
     """Register a trained tokenizer as model ``<pipeline>-tokenizer-<name>``.
 
-    Its run holds ``tokenizer/``: ``tokenizer.json`` (kind, settings) plus the trained state
+    Its run holds ``tokenizer/``: ``reprflow-tokenizer.json`` (kind, settings, file names) plus the trained state
     (image tokenizers: ``state.pt``, loaded with ``weights_only``) or the fitted files (text
     tokenizers). ``models:/<pipeline>-tokenizer-<name>/<version>`` can be a reference of a
     method in another pipeline (see ``pipelines.models.upstream_from_registry``).
@@ -225,11 +226,13 @@ def register_tokenizer_step(ctx: StepContext) -> StepResult:
     if out.get("state"):
         shutil.copyfile(out["state"], folder / "state.pt")
     for logical, path in (out.get("files") or {}).items():
+        if Path(path).name in (TOKENIZER_META, "state.pt"):
+            raise ReprflowError(f"tokenizer file {path!r} would overwrite the registry's own {Path(path).name}; rename it")
         shutil.copyfile(path, folder / Path(path).name)
         files[logical] = Path(path).name
     meta = {"sort": "tokenizer", "kind": s["kind"], "name": s["tokenizer"], "settings": out.get("settings") or {},
             "state": "state.pt" if out.get("state") else None, "files": files}
-    (folder / "tokenizer.json").write_text(json.dumps(meta, indent=2))
+    (folder / TOKENIZER_META).write_text(json.dumps(meta, indent=2))
     run_id = ctx.run.tracker.child_ids[ctx.step.name]
 
     def log_folder():

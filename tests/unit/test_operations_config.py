@@ -4,7 +4,6 @@ watermark, job entrypoints and token lookup, model URIs (no Ray cluster, no MLfl
 from __future__ import annotations
 
 import shlex
-from pathlib import Path
 
 import pytest
 
