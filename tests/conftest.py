@@ -45,6 +45,8 @@ TINY_TOKENIZERS: dict[str, dict] = {
                                                "optim": {"lr": 0.01, "warmup_epochs": 0}}},
     "tiny-text": {"kind": "wordpiece", "settings": {"vocab_size": 200}},  # VisualBERT's captions
 }
+# The BRIEF row at 32-px tiny scenes: S = 12 leaves a 20x20 keypoint region; a small codebook keeps it cheap.
+TINY_BRIEF = {"enabled": True, "patch_size": 12, "keypoints_per_image": 16, "codebook_size": 32, "codebook_sample": 2000}
 
 
 def tiny_config(storage: Path, name: str = "tiny", methods: dict[str, dict] | None = None, tokenizers: dict[str, dict] | None = None, **train) -> dict:
@@ -76,24 +78,47 @@ def ray_session():
     ray.shutdown()
 
 
-def run_tiny(storage: Path, name: str, methods: dict[str, dict], output: Path | None = None, tokenizers: dict[str, dict] | None = None, **train):
-    """Run a tiny pipeline with ``methods`` (and the ``tokenizers`` they refer to); returns ``(config, comparison table)``."""
+def run_tiny(storage: Path, name: str, methods: dict[str, dict], output: Path | None = None, tokenizers: dict[str, dict] | None = None,
+             brief: dict | None = None, **train):
+    """Run a tiny pipeline with ``methods`` (and the ``tokenizers`` they refer to, and the BRIEF
+    row when ``brief`` is given); returns ``(config, comparison table)``."""
     from pipelines.config import parse_config
     from pipelines.run import run_pipeline
 
-    cfg = parse_config(tiny_config(storage, name=name, methods=methods, tokenizers=tokenizers, **train))
+    data = tiny_config(storage, name=name, methods=methods, tokenizers=tokenizers, **train)
+    if brief:
+        data["evaluate"]["brief"] = brief
+    cfg = parse_config(data)
     return cfg, run_pipeline(cfg, output or storage / "out")
 
 
 @pytest.fixture(scope="session")
 def methods_run(ray_session, tmp_path_factory):
-    """ONE session pipeline run training every method in TINY_METHODS in Ray Train local mode.
+    """ONE session pipeline run training every method in TINY_METHODS in Ray Train local mode,
+    with the BRIEF baseline row.
 
     Method tests assert on their own rows (loss fell, encoder changed, registered) instead of
     each paying for a pipeline run.
     """
     root = tmp_path_factory.mktemp("methods")
-    return run_tiny(root / "store", "methods", TINY_METHODS, root / "out", tokenizers=TINY_TOKENIZERS, num_workers=0, epochs=3)
+    return run_tiny(root / "store", "methods", TINY_METHODS, root / "out", tokenizers=TINY_TOKENIZERS, brief=TINY_BRIEF, num_workers=0, epochs=3)
+
+
+# The families' 2-worker runs (DDP over gloo): one pipeline for every method whose
+# distributed path differs (NNCLR's gathered support set, MoCo v3's gathered keys, DINO's
+# all-reduced centre), ResNet backbones.
+RESNET_MOCOV3 = {"image_size": 16, "temperature": 0.2, "proj_hidden_dim": 64, "proj_dim": 32, "pred_hidden_dim": 64,
+                 "optim": {"name": "adamw", "lr": 0.04, "weight_decay": 0.1, "warmup_epochs": 0}}
+RESNET_DINO = {"image_size": 16, "local_size": 8, "n_local": 2, "hidden_dim": 64, "bottleneck_dim": 32, "out_dim": 256,
+               "warmup_teacher_temp_epochs": 1, "optim": {"lr": 0.04, "warmup_epochs": 0}}
+
+
+@pytest.fixture(scope="session")
+def two_worker_run(ray_session, tmp_path_factory):
+    """ONE session pipeline run with 2 real Ray Train workers: NNCLR, MoCo v3 and DINO."""
+    root = tmp_path_factory.mktemp("family2")
+    methods = {"nnclr": TINY_METHODS["nnclr"], "mocov3": RESNET_MOCOV3, "dino": RESNET_DINO}
+    return run_tiny(root / "store", "family2", methods, root / "out", num_workers=2, epochs=3)
 
 
 def method_outcome(cfg, name: str) -> dict:

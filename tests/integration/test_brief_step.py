@@ -8,24 +8,14 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.config import parse_config
-from pipelines.run import run_pipeline
-from tests.conftest import tiny_config
+from tests.conftest import TINY_BRIEF
 
 pytestmark = pytest.mark.integration
 
-# 32-px tiny scenes: S = 12 leaves a 20x20 keypoint region; a small codebook keeps it cheap.
-TINY_BRIEF = {"enabled": True, "patch_size": 12, "keypoints_per_image": 16, "codebook_size": 32, "codebook_sample": 2000}
-
-
 @pytest.fixture(scope="module")
-def brief_run(ray_session, tmp_path_factory):
-    root = tmp_path_factory.mktemp("brief")
-    data = tiny_config(root / "store", name="brief", num_workers=0, epochs=1)
-    data["evaluate"]["brief"] = TINY_BRIEF
-    data["register"] = {"enabled": False}
-    cfg = parse_config(data)
-    return cfg, run_pipeline(cfg, root / "out")
+def brief_run(methods_run):
+    """The BRIEF row of the shared session run (conftest's TINY_BRIEF)."""
+    return methods_run
 
 
 def _children(cfg):
@@ -39,7 +29,8 @@ def _children(cfg):
 def test_brief_row_is_in_the_comparison_table_with_knn_and_linear_numbers(brief_run):
     cfg, table = brief_run
     rows = {r["representation"]: r for r in table["rows"]}
-    assert list(rows)[-1] == "brief"  # after the methods and their floors
+    image_rows = [name for name, r in rows.items() if "val_knn_top1" in r]
+    assert image_rows[-1] == "brief"  # after the image methods and their floors
     row = rows["brief"]
     for col in ("val_knn_top1", "test_knn_top1", "val_linear_top1", "test_linear_top1"):
         assert isinstance(row[col], float) and 0.0 <= row[col] <= 100.0, (col, row[col])

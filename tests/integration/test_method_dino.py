@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 
 def assert_dino_learned(out: dict, out_dim: int) -> None:
-    """The shared DINO criterion (also used by the ResNet run in test_distillation_distributed)."""
+    """The shared DINO criterion (also used by the 2-worker ResNet run in test_two_workers)."""
     hist = out["state"]["history"]
     kl = [h["kl"] for h in hist]
     assert len(kl) == 3

@@ -109,7 +109,7 @@ def head(tmp_path_factory):
                 time.sleep(2)
         yield {"address": address, "token": token, "mlflow": f"http://127.0.0.1:{mlflow_port}", "tmp": tmp, "temp_dir": temp_dir}
     finally:
-        _kill_group(ray_proc, 60)   # `ray start --block` stops the head's processes when terminated
+        _kill_group(ray_proc, 15)   # `ray start --block` stops the head's processes when terminated (else SIGKILL)
         _kill_group(mlflow_proc)
         for pid in _pids_mentioning(temp_dir):  # anything of this head still alive (a job driver)
             try:

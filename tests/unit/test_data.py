@@ -66,7 +66,7 @@ def test_scenes_are_deterministic_and_consistent():
     assert render_scene(7, "test", 3)["image"] != a["image"]
     for row in scene_rows(0, "train", 30):
         caption = row["captions"][0]
-        assert caption.startswith(f"a large ") and SHAPES[row["label"]] in caption.split(" and ")[0]
+        assert caption.startswith("a large ") and SHAPES[row["label"]] in caption.split(" and ")[0]
         assert any(c in caption for c in COLOURS)
         assert len(row["boxes"]) == caption.count(" and ") + 1
         for x0, y0, x1, y1 in row["boxes"]:
