@@ -55,6 +55,9 @@ class TrainSpec(_Strict):
     batch_size: int = Field(256, ge=2, description="global batch size (split across workers)")
     decode_size: int = Field(64, ge=8, le=1024, description="images are decoded once to this square size")
     data_batch_size: int = Field(128, ge=1, description="rows per Ray Data map_batches call")
+    shuffle_buffer_batches: int = Field(4, ge=0, description="each epoch reads the row slices in a new random order and mixes "
+                                        "the rows of this many per-worker batches before batching (0 = stream order, the "
+                                        "same images share a batch every epoch)")
     max_failures: int = Field(2, ge=0, description="worker-group restarts before the step fails")
     checkpoint_every_epochs: int = Field(1, ge=1)
 

@@ -50,16 +50,22 @@ def _views_of_slices(batch: dict, recipe: ViewRecipe, decode_size: int, seed: in
         yield _views_batch({c: table.column(c).to_pylist() for c in recipe.columns}, recipe, decode_size, seed)
 
 
-def views_dataset(files: list[str], recipe: ViewRecipe, decode_size: int, batch_size: int = 128, seed: int = 0) -> "ray.data.Dataset":
+def views_dataset(files: list[str], recipe: ViewRecipe, decode_size: int, batch_size: int = 128, seed: int = 0,
+                  shuffle: bool = False) -> "ray.data.Dataset":
     """A lazily executed dataset of ``view_i`` uint8 columns built from shard files.
 
     One task per slice of ``batch_size`` rows of a row group reads those rows, decodes them
     and makes their views, so encoded images never pass through Ray's object store between a
     read operator and a map operator (``read_parquet(...).map_batches(...)`` took 2.5x the wall
-    time and 1.4x the CPU time on 2 cores: bench/RESULTS.md, P3).
+    time and 1.4x the CPU time on 2 cores: bench/RESULTS.md, P3). With ``shuffle`` every
+    execution (epoch) visits the slices in a new random order (one block per slice, so
+    ``randomize_block_order`` is a shuffle of slices; the trainer's local shuffle buffer then
+    mixes rows across slices).
     """
     items = _slices(files, batch_size)
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4096)))
+    if shuffle:
+        ds = ds.randomize_block_order()
     return ds.map_batches(_views_of_slices, fn_kwargs={"recipe": recipe, "decode_size": decode_size, "seed": seed}, batch_size=1, batch_format="numpy")
 
 

@@ -231,7 +231,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, config["epochs"]):
         method.train()
         t0, n, sums = time.monotonic(), 0, {}
-        for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=None):
+        # Contrastive losses take their negatives from the batch: a new mix of rows every epoch.
+        buffer = per_worker * config.get("shuffle_buffer_batches", 0) or None
+        for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=buffer):
             metrics = step(prepare_batch(batch, device), global_step)
             global_step += 1
             n += 1
@@ -322,6 +324,7 @@ def run_trainer(*, key: str, method: str, settings: dict, train, rows: int, file
     config = {
         "method": method, "settings": settings, "seed": seed, "threads": threads,
         "use_gpu": train.use_gpu, "batch_size": train.batch_size, "epochs": train.epochs, "rows": rows,
+        "shuffle_buffer_batches": train.shuffle_buffer_batches,
         "checkpoint_every": train.checkpoint_every_epochs,
         "local_checkpoint_dir": str(ray_results / name) if train.num_workers == 0 else None,
         "resume_path": str(resume) if resume else None,
@@ -330,7 +333,7 @@ def run_trainer(*, key: str, method: str, settings: dict, train, rows: int, file
         "fault": fault_settings(),
         "resources": resources or {},
     }
-    ds = views_dataset(files, views, train.decode_size, train.data_batch_size, seed)
+    ds = views_dataset(files, views, train.decode_size, train.data_batch_size, seed, shuffle=train.shuffle_buffer_batches > 0)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
