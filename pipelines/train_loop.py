@@ -40,23 +40,46 @@ FREE_SPACE_MARGIN = 64 * 2**20
 # Local mode runs the train function in the driver process, whose Ray Train context is global:
 # two local-mode fits must not overlap (distributed fits run in their own actors and may).
 _LOCAL_MODE_LOCK = threading.Lock()
-_SLOTS: threading.BoundedSemaphore | None = None
-_SLOTS_LOCK = threading.Lock()
+# Two CPUs of the cluster stay free for Ray Data's tasks (decode + views), which otherwise
+# starve behind worker groups holding every CPU and the fits deadlock.
+DATA_CPUS = 2
 
 
-def _training_slots(workers: int, cpus_per_worker: float) -> threading.BoundedSemaphore:
-    """How many distributed fits may run at once without starving Ray Data of CPUs.
+class _TrainingSlots:
+    """Admits distributed fits while their workers' CPUs fit beside the data path's.
 
-    Two CPUs stay free for the data path; the rest is shared by concurrent worker groups.
+    A fit needing ``cpus`` starts when ``in_use + cpus <= cluster CPUs - DATA_CPUS``, or when no
+    other fit runs (one fit always may). Counting CPUs rather than fits keeps it right when
+    fits of different sizes share one process (a fixed-size semaphore sized by the first fit
+    let two 2-worker fits hold all 4 CPUs of a local Ray and hang).
     """
-    global _SLOTS
-    import ray
 
-    with _SLOTS_LOCK:
-        if _SLOTS is None:
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._in_use = 0.0
+        self._running = 0
+
+    @contextlib.contextmanager
+    def hold(self, cpus: float, total: float | None = None):
+        """Block until ``cpus`` fit, hold them for the ``with`` body (``total``: the cluster's CPUs)."""
+        if total is None:
+            import ray
+
             total = ray.cluster_resources().get("CPU", 1)
-            _SLOTS = threading.BoundedSemaphore(max(1, int((total - 2) // max(1.0, workers * cpus_per_worker))))
-        return _SLOTS
+        with self._cond:
+            self._cond.wait_for(lambda: self._running == 0 or self._in_use + cpus <= total - DATA_CPUS)
+            self._in_use += cpus
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._in_use -= cpus
+                self._running -= 1
+                self._cond.notify_all()
+
+
+_SLOTS = _TrainingSlots()
 
 
 def save_state(path: Path, method, step: TrainStep, epoch: int, global_step: int, history: list[dict], meta: dict) -> None:
@@ -346,7 +369,7 @@ def run_trainer(*, key: str, method: str, settings: dict, train, rows: int, file
         ),
         datasets={"train": ds},
     )
-    lock = _LOCAL_MODE_LOCK if train.num_workers == 0 else _training_slots(train.num_workers, train.cpus_per_worker)
+    lock = _LOCAL_MODE_LOCK if train.num_workers == 0 else _SLOTS.hold(train.num_workers * train.cpus_per_worker)
     with lock:
         result = trainer.fit()
     final = None
