@@ -65,6 +65,18 @@ def tiny_config(storage: Path, name: str = "tiny", methods: dict[str, dict] | No
     }
 
 
+@pytest.fixture
+def one_thread():
+    """One torch intra-op thread for the test: tiny models run faster, and on a busy machine
+    OpenMP's spinning threads are far slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A real local Ray (4 logical CPUs so Ray Data is not starved by 2 train workers)."""

@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from components.data import shards as sh
-from components.data.decode import decode_image
-from components.data.ingest import IngestReport, split_of
+from components.data.ingest import IngestReport, read_image_inside, split_of
 from components.errors import ReprflowError
 
 
@@ -91,17 +90,8 @@ def ingest_coco(image_dir: str | Path, out_uri: str, captions_json: str | Path |
     def rows(entries: list[dict]) -> Iterator[dict]:
         for entry in entries:
             rel = entry["file_name"]
-            real = (root / rel).resolve()
-            if not real.is_relative_to(root) or real == root:
-                report.skipped.append({"file": rel, "reason": "resolves outside the image folder (symlink or '..'); refused"})
-                continue
-            if not real.is_file():
-                report.skipped.append({"file": rel, "reason": "image file not found"})
-                continue
-            data = real.read_bytes()
-            _, reason = decode_image(data, 8)
-            if reason:
-                report.skipped.append({"file": rel, "reason": reason})
+            data = read_image_inside(root, rel, report)
+            if data is None:
                 continue
             yield {"id": rel, "image": data, "label": None, "captions": entry["captions"], "boxes": entry["boxes"], "source": f"coco:{rel}"}
 

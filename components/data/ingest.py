@@ -20,6 +20,25 @@ from components.errors import ReprflowError
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
+def read_image_inside(root: Path, rel: str, report) -> bytes | None:
+    """The bytes of image ``root/rel``, or None with the reason added to ``report.skipped``:
+    a path resolving outside ``root`` (symlink or '..': never pull in files from elsewhere on
+    the machine), a missing file, or bytes that do not decode."""
+    real = (root / rel).resolve()
+    if not real.is_relative_to(root) or real == root:
+        report.skipped.append({"file": rel, "reason": "resolves outside the input folder (symlink or '..'); refused"})
+        return None
+    if not real.is_file():
+        report.skipped.append({"file": rel, "reason": "image file not found"})
+        return None
+    data = real.read_bytes()
+    _, reason = decode_image(data, 8)
+    if reason:
+        report.skipped.append({"file": rel, "reason": reason})
+        return None
+    return data
+
+
 def split_of(relpath: str, val_frac: float, test_frac: float) -> str:
     """Deterministic split of a file from the sha256 of its relative path."""
     u = int.from_bytes(hashlib.sha256(relpath.encode()).digest()[:8], "big") / 2**64
@@ -68,15 +87,8 @@ def ingest_folder(src: str | Path, out_uri: str, val_frac: float = 0.1, test_fra
     per_split: dict[str, list[dict]] = {s: [] for s in sh.SPLITS}
     for path, cls in files:
         rel = path.relative_to(root).as_posix()
-        real = path.resolve()
-        if not real.is_relative_to(root) or real == root:
-            # A symlink (or a link through '..') must not pull in files from elsewhere on the machine.
-            report.skipped.append({"file": rel, "reason": "resolves outside the input folder (symlink or '..'); refused"})
-            continue
-        data = real.read_bytes()
-        _, reason = decode_image(data, 8)
-        if reason:
-            report.skipped.append({"file": rel, "reason": reason})
+        data = read_image_inside(root, rel, report)
+        if data is None:
             continue
         split = split_of(rel, val_frac, test_frac)
         per_split[split].append({"id": rel, "image": data, "label": index[cls] if cls is not None else None, "source": rel})

@@ -23,13 +23,7 @@ from components.models.visualbert import VisualBert, VisualBertEmbeddings, grid_
 from components.tokenizers.text import SPECIAL_TOKENS, TextTokenizer, fit_wordpiece, mask_tokens
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one intra-op thread is faster, and on a busy machine OpenMP's spinning threads are far slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

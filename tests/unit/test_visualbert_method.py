@@ -20,13 +20,7 @@ TINY = {"encoder": "simclr", "tokenizer": "text", "image_size": 32, "hidden_dim"
         "optim": {"lr": 0.02, "warmup_epochs": 0}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one intra-op thread is faster, and on a busy machine OpenMP's spinning threads are far slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
