@@ -327,7 +327,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("reprflow: interrupted; finished steps are cached, rerun the same command to continue", file=sys.stderr)
+        _stop_after_interrupt()
         return 130
+
+
+def _stop_after_interrupt() -> None:
+    """After Ctrl-C: shut down the Ray this process started (ending its fits), and leave without
+    joining step threads still inside a fit (the interpreter would otherwise wait for them)."""
+    import os
+    import threading
+
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # noqa: BLE001 - best effort on the way out
+        pass
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ def load_cached(storage: Path, step: Step) -> StepResult | None:
 class Runner:
     """Runs a DAG: cached steps are skipped, ready steps run concurrently, failures stop the run.
 
-    ``on_event(event, step, info)`` is called with ``start``, ``cached``, ``done``, ``failed`` and
+    ``on_event(event, step, info)`` is called with ``start``, ``cached``, ``done``, ``failed``, ``stopped`` (Ctrl-C) and
     ``interrupted`` (finished, but after another step failed: cached, not recorded as done); the
     pipeline uses it for progress lines and MLflow child runs.
     """
@@ -182,11 +182,15 @@ class Runner:
     def run_all(self) -> dict[str, StepResult]:
         """Run every step; on the first failure, schedule nothing more, let the running steps
         finish (their results are cached, so no finished work is lost), report them as
-        ``interrupted`` (or ``failed``), then raise the first error."""
+        ``interrupted`` (or ``failed``), then raise the first error. On Ctrl-C
+        (``KeyboardInterrupt``) it does not wait: running steps are reported ``stopped`` and the
+        interrupt propagates (the CLI then shuts Ray down, ending their fits)."""
         pending = dict(self.dag.steps)
         running: dict[Future, Step] = {}
         error: BaseException | None = None
-        with ThreadPoolExecutor(max_workers=self.max_parallel) as pool:
+        pool = ThreadPoolExecutor(max_workers=self.max_parallel)
+        stopped = False
+        try:
             while running or (pending and error is None):
                 for name, step in list(pending.items()) if error is None else []:
                     if not all(d in self.results for d in step.inputs):
@@ -203,7 +207,16 @@ class Runner:
                     running[pool.submit(self._timed, step)] = step
                 if not running:
                     continue
-                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                try:
+                    done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                except KeyboardInterrupt:
+                    # Ctrl-C: do not wait for running steps (a fit can take hours). Each is recorded
+                    # as stopped; finished steps are cached and a rerun resumes training from its
+                    # last checkpoint. The caller shuts Ray down, which ends the running fits.
+                    stopped = True
+                    for step in running.values():
+                        self._report("stopped", step, {})
+                    raise
                 for fut in done:
                     step = running.pop(fut)
                     try:
@@ -220,6 +233,8 @@ class Runner:
                         self.on_event("done", step, {"result": result, "seconds": seconds})
                     except BaseException as exc:  # recording failed (e.g. MLflow gone): the result is cached
                         error = exc
+        finally:
+            pool.shutdown(wait=not stopped, cancel_futures=stopped)
         if error is not None:
             raise error
         return self.results

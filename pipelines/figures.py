@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from components.checkpoint import load_state
 from components.data import shards as sh
 from components.data.decode import decode_image
 from components.data.views import normalize
@@ -28,7 +29,7 @@ def method_figures(method: str, settings: dict, state_path: str, files: list[str
     m = build_method(method, settings)
     if not hasattr(m, "figures") or not files:
         return []
-    m.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True)["method"])
+    m.load_state_dict(load_state(state_path)["method"])
     images = []
     for row in islice(sh.read_rows(files[0], ["image"]), count * 2):
         img, _ = decode_image(row["image"], decode_size)

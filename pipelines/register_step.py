@@ -86,7 +86,7 @@ def log_version(ctx: StepContext, *, name: str, method: str, settings: dict, sta
     state): its artifacts are logged into this run again and it is returned, no new version.
     """
     from pipelines.tracking import with_retries
-    from pipelines.train_loop import manifest_path
+    from components.checkpoint import manifest_path
 
     client = ctx.run.tracker.client
     run_id = ctx.run.tracker.child_ids[ctx.step.name]
@@ -149,7 +149,7 @@ def complete_registration(client, name: str, version, parent_run: str | None) ->
 
 
 def _state_sha(state: str) -> str:
-    from pipelines.train_loop import manifest_path
+    from components.checkpoint import manifest_path
 
     m = manifest_path(Path(state))
     if m.is_file():
@@ -211,11 +211,13 @@ def register_tokenizer_step(ctx: StepContext) -> StepResult:
     """Register a trained tokenizer as model ``<pipeline>-tokenizer-<name>``.
 
     Its run holds ``tokenizer/``: ``reprflow-tokenizer.json`` (kind, settings, file names) plus the trained state
-    (image tokenizers: ``state.pt``, loaded with ``weights_only``) or the fitted files (text
+    (image tokenizers: ``state.pt`` and its sha256 manifest, loaded with ``weights_only``) or the fitted files (text
     tokenizers). ``models:/<pipeline>-tokenizer-<name>/<version>`` can be a reference of a
     method in another pipeline (see ``pipelines.models.upstream_from_registry``).
     """
     import shutil
+
+    from components.checkpoint import MANIFEST_SUFFIX, verify_state, write_state_file
 
     s = ctx.step.settings
     client = ctx.run.tracker.client
@@ -224,9 +226,10 @@ def register_tokenizer_step(ctx: StepContext) -> StepResult:
     folder.mkdir()
     files = {}
     if out.get("state"):
-        shutil.copyfile(out["state"], folder / "state.pt")
+        verify_state(Path(out["state"]))
+        write_state_file(Path(out["state"]), folder / "state.pt")  # with its sha256 manifest, checked on load
     for logical, path in (out.get("files") or {}).items():
-        if Path(path).name in (TOKENIZER_META, "state.pt"):
+        if Path(path).name in (TOKENIZER_META, "state.pt", "state.pt" + MANIFEST_SUFFIX):
             raise ReprflowError(f"tokenizer file {path!r} would overwrite the registry's own {Path(path).name}; rename it")
         shutil.copyfile(path, folder / Path(path).name)
         files[logical] = Path(path).name

@@ -148,7 +148,8 @@ def retrain_step(ctx: StepContext) -> StepResult:
     client = ctx.run.tracker.client
     start_dir = ctx.out_dir / "warm_start"
     start_dir.mkdir()
-    state = client.download_artifacts(s["warm_start"]["run_id"], "training_state/state.pt", str(start_dir))
+    # The whole folder: the state and its sha256 manifest, so a tampered champion state is refused.
+    state = str(Path(client.download_artifacts(s["warm_start"]["run_id"], "training_state", str(start_dir))) / "state.pt")
     train = TrainSpec.model_validate(s["train"])
     method = build_method(s["method"], s["settings"])
     try:
@@ -221,7 +222,7 @@ def retrain(cfg: PipelineConfig, output: Path | None = None, wait_seconds: float
 
     Returns ``{"status": "no-op" | "done", "methods": {method: {...decision...}}}``.
     """
-    from pipelines.run import PipelineRun, build_dag, init_ray, step_events
+    from pipelines.run import PipelineRun, build_dag
     from pipelines.steps import embed_step, evaluate_step
 
     t0 = time.monotonic()
@@ -229,7 +230,6 @@ def retrain(cfg: PipelineConfig, output: Path | None = None, wait_seconds: float
     storage.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(cfg.tracking_uri(), cfg.mlflow.experiment or cfg.name, storage / "mlartifacts")
     client = tracker.client
-    alias = cfg.registration.alias
     with retrain_lock(storage, cfg.name, wait_seconds):
         plans = plan_retrain(cfg, client)
         todo = [p for p in plans if p.new]
@@ -279,51 +279,64 @@ def retrain(cfg: PipelineConfig, output: Path | None = None, wait_seconds: float
                                [train_ds, r.name, v.name, cv.name]))
             reg.still_valid = lambda result: registered_version_exists(run, result)
 
+        tracker.mark_stale_runs(storage)  # runs left RUNNING by a driver that died -> FAILED
         parent = tracker.start_parent(f"{cfg.name}-retrain-{time.strftime('%Y%m%d-%H%M%S')}", cfg_json,
                                       {"reprflow.kind": "retrain", "reprflow.pipeline": cfg.name, "reprflow.config_hash": config_hash, "reprflow.code_version": run.code_version})
-        tracker.log_text(parent, config_text or json.dumps(cfg_json, indent=2), "pipeline.yaml" if config_text else "pipeline.json")
-        print(f"[retrain] pipeline '{cfg.name}': {', '.join(f'{p.name} v{p.champion.version} + {len(p.new)} new shards' for p in todo)}; MLflow run {parent}", flush=True)
-        init_ray(cfg)
-        runner = Runner(dag, storage, run, on_event=step_events(tracker, storage, lambda: runner.results))
+        tracker.hold_driver_lock(storage, parent)
         try:
-            results = runner.run_all()
+            return _run_retrain(cfg, tracker, run, dag, todo, parent, eval_fp, output, config_text, cfg_json, t0)
         except BaseException:
-            tracker.finish(parent, "FAILED")
+            tracker.finish(parent, "FAILED", best_effort=True)
             raise
+        finally:
+            tracker.release_driver_lock()
 
-        metric = ev.selection_metric
-        summary: dict[str, Any] = {}
-        rows = []
-        for p in todo:
-            m = p.spec.name
-            champ_v = str(p.champion.version)
-            ch = results[f"evaluate[{m}]"].outputs["metrics"]
-            cm = results[f"evaluate[{m}@v{champ_v}]"].outputs["metrics"]
-            version = results[f"register[{m}]"].outputs["version"]
-            d = decide(client, p.name, alias, version, champ_v, ch[f"val_{metric}"], metric, eval_fp, cfg.retrain.margin, cm[f"val_{metric}"])
-            verdict = "superseded" if d.reason.startswith("superseded") else ("promoted" if d.promoted else "kept_champion")
-            print(f"[retrain] {p.name}: challenger v{version} val {metric} {ch[f'val_{metric}']:.2f} vs champion v{champ_v} {cm[f'val_{metric}']:.2f} "
-                  f"(margin {cfg.retrain.margin}) -> {verdict}: {d.reason}", flush=True)
-            summary[m] = {"champion": champ_v, "challenger": version, "decision": verdict, "promoted": d.promoted, "reason": d.reason,
-                          "challenger_score": ch[f"val_{metric}"], "champion_score": cm[f"val_{metric}"], "new_shards": len(p.new),
-                          "watermark_before": (p.champion.tags or {}).get(wm.TAG_SUMMARY, "none"), "watermark_after": wm.summary(wm.compute(p.root, p.files))}
-            tracker.set_tags(parent, {f"reprflow.retrain.{m}.decision": verdict, f"reprflow.retrain.{m}.champion": champ_v,
-                                      f"reprflow.retrain.{m}.challenger": version, f"reprflow.retrain.{m}.watermark_before": summary[m]["watermark_before"],
-                                      f"reprflow.retrain.{m}.watermark_after": summary[m]["watermark_after"]})
-            tracker.log_metrics(parent, {f"{m}.challenger.val_{metric}": ch[f"val_{metric}"], f"{m}.champion.val_{metric}": cm[f"val_{metric}"],
-                                         f"{m}.promoted": float(d.promoted), f"{m}.new_shards": len(p.new)})
-            for label, res, ver, promoted in ((m, ch, version, d.promoted), (f"{m}@v{champ_v} (champion)", cm, champ_v, None)):
-                rows.append({"representation": label, **{c: res.get(c) for c in COLUMNS}, "registered": f"{p.name}/{ver}", "promoted": promoted})
-        table = {"pipeline": cfg.name, "selection_metric": metric, "eval_dataset": ev.dataset, "rows": rows}
-        output = Path(output or storage / "runs" / f"retrain-{time.strftime('%Y%m%d-%H%M%S')}")
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "results.md").write_text(to_markdown(table))
-        (output / "retrain.json").write_text(json.dumps(summary, indent=2))
-        tracker.log_artifact(parent, output / "results.md")
-        tracker.log_artifact(parent, output / "retrain.json")
-        tracker.finish(parent)
-        print(to_markdown(table), flush=True)
-        return {"status": "done", "methods": summary, "run_id": parent, "output": str(output), "mlflow_url": tracker.run_url(parent),
-                "wall_seconds": time.monotonic() - t0}
+
+def _run_retrain(cfg: PipelineConfig, tracker: Tracker, run, dag: DAG, todo: list[Plan], parent: str, eval_fp: str, output: Path | None,
+                 config_text: str | None, cfg_json: dict, t0: float) -> dict[str, Any]:
+    """Run the retrain DAG under ``parent``, decide per method, and write and log the table."""
+    from pipelines.run import init_ray, step_events
+
+    client, storage, ev, alias = tracker.client, cfg.storage_path(), cfg.evaluate, cfg.registration.alias
+    tracker.log_text(parent, config_text or json.dumps(cfg_json, indent=2), "pipeline.yaml" if config_text else "pipeline.json")
+    print(f"[retrain] pipeline '{cfg.name}': {', '.join(f'{p.name} v{p.champion.version} + {len(p.new)} new shards' for p in todo)}; MLflow run {parent}", flush=True)
+    init_ray(cfg)
+    runner = Runner(dag, storage, run, on_event=step_events(tracker, storage, lambda: runner.results))
+    results = runner.run_all()
+
+    metric = ev.selection_metric
+    summary: dict[str, Any] = {}
+    rows = []
+    for p in todo:
+        m = p.spec.name
+        champ_v = str(p.champion.version)
+        ch = results[f"evaluate[{m}]"].outputs["metrics"]
+        cm = results[f"evaluate[{m}@v{champ_v}]"].outputs["metrics"]
+        version = results[f"register[{m}]"].outputs["version"]
+        d = decide(client, p.name, alias, version, champ_v, ch[f"val_{metric}"], metric, eval_fp, cfg.retrain.margin, cm[f"val_{metric}"])
+        verdict = "superseded" if d.reason.startswith("superseded") else ("promoted" if d.promoted else "kept_champion")
+        print(f"[retrain] {p.name}: challenger v{version} val {metric} {ch[f'val_{metric}']:.2f} vs champion v{champ_v} {cm[f'val_{metric}']:.2f} "
+              f"(margin {cfg.retrain.margin}) -> {verdict}: {d.reason}", flush=True)
+        summary[m] = {"champion": champ_v, "challenger": version, "decision": verdict, "promoted": d.promoted, "reason": d.reason,
+                      "challenger_score": ch[f"val_{metric}"], "champion_score": cm[f"val_{metric}"], "new_shards": len(p.new),
+                      "watermark_before": (p.champion.tags or {}).get(wm.TAG_SUMMARY, "none"), "watermark_after": wm.summary(wm.compute(p.root, p.files))}
+        tracker.set_tags(parent, {f"reprflow.retrain.{m}.decision": verdict, f"reprflow.retrain.{m}.champion": champ_v,
+                                  f"reprflow.retrain.{m}.challenger": version, f"reprflow.retrain.{m}.watermark_before": summary[m]["watermark_before"],
+                                  f"reprflow.retrain.{m}.watermark_after": summary[m]["watermark_after"]})
+        tracker.log_metrics(parent, {f"{m}.challenger.val_{metric}": ch[f"val_{metric}"], f"{m}.champion.val_{metric}": cm[f"val_{metric}"],
+                                     f"{m}.promoted": float(d.promoted), f"{m}.new_shards": len(p.new)})
+        for label, res, ver, promoted in ((m, ch, version, d.promoted), (f"{m}@v{champ_v} (champion)", cm, champ_v, None)):
+            rows.append({"representation": label, **{c: res.get(c) for c in COLUMNS}, "registered": f"{p.name}/{ver}", "promoted": promoted})
+    table = {"pipeline": cfg.name, "selection_metric": metric, "eval_dataset": ev.dataset, "rows": rows}
+    output = Path(output or storage / "runs" / f"retrain-{time.strftime('%Y%m%d-%H%M%S')}")
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.md").write_text(to_markdown(table))
+    (output / "retrain.json").write_text(json.dumps(summary, indent=2))
+    tracker.log_artifact(parent, output / "results.md")
+    tracker.log_artifact(parent, output / "retrain.json")
+    tracker.finish(parent)
+    print(to_markdown(table), flush=True)
+    return {"status": "done", "methods": summary, "run_id": parent, "output": str(output), "mlflow_url": tracker.run_url(parent),
+            "wall_seconds": time.monotonic() - t0}
 
 

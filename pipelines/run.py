@@ -281,6 +281,11 @@ def step_events(tracker: Tracker, storage: Path, results):
             rid = tracker.child_ids.get(step.name)
             if rid:
                 tracker.record_failure(rid, None, status="KILLED")
+        elif event == "stopped":
+            print(f"[step] {step.name} stopped (Ctrl-C); a rerun resumes it from its last checkpoint", flush=True)
+            rid = tracker.child_ids.get(step.name)
+            if rid:
+                tracker.record_failure(rid, KeyboardInterrupt("stopped by Ctrl-C; a rerun resumes it from its last checkpoint"), status="KILLED")
         elif event == "failed":
             rid = tracker.child_ids.get(step.name)
             print(f"[step] {step.name} failed: {_one_line(info['error'])}", flush=True)

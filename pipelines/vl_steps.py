@@ -19,6 +19,7 @@ from typing import Any
 import ray
 import torch
 
+from components.checkpoint import load_state
 from components.data import shards as sh
 from components.data.decode import decode_batch
 from components.data.regions import boxes_array, decoded_boxes, image_size
@@ -91,7 +92,7 @@ def _evaluate_vl(method_name: str, settings: dict, state_path: str, resources: d
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     method = build_method(method_name, settings)
     method.attach({k: Upstream(**v) for k, v in resources.items()})
-    method.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True)["method"])
+    method.load_state_dict(load_state(state_path)["method"])
     method.to(device).eval()
     out: dict[str, float] = {}
     for split, split_files in files.items():
@@ -147,7 +148,7 @@ def vl_register_step(ctx: StepContext) -> StepResult:
     resources = _resources(ctx, s["references"])
     folder = ctx.out_dir / "visualbert"
     folder.mkdir()
-    weights = torch.load(state, map_location="cpu", weights_only=True)["method"]
+    weights = load_state(state)["method"]
     save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"))
     tok_file = resources["tokenizer"].files["tokenizer"]
     shutil.copyfile(tok_file, folder / "tokenizer.json")

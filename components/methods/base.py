@@ -84,14 +84,16 @@ class Upstream:
     files: dict[str, str] = field(default_factory=dict)
 
     def load_method(self) -> "Method":
-        """Build the upstream method and load its trained weights (``weights_only``: no code runs)."""
+        """Build the upstream method and load its trained weights: checked against the state's sha256
+        manifest (a tampered or unfinished state is refused), loaded ``weights_only`` (no code runs)."""
         from components.methods.registry import build_method
 
         if self.state_path is None:
             raise ValueError(f"upstream {self.kind} '{self.name}' has no trained state to load")
+        from components.checkpoint import load_state
+
         m = build_method(self.name, self.settings)
-        state = torch.load(self.state_path, map_location="cpu", weights_only=True)
-        m.load_state_dict(state["method"])
+        m.load_state_dict(load_state(self.state_path)["method"])
         return m.eval()
 
 

@@ -103,6 +103,38 @@ def test_dag_caches_by_key_and_reruns_downstream_of_a_change(tmp_path):
     assert sorted(calls) == ["a", "b", "c"]
 
 
+def test_ctrl_c_does_not_wait_for_running_steps(tmp_path):
+    """A KeyboardInterrupt (Ctrl-C) while a long step runs propagates at once; the step is
+    reported stopped, and the finished step stays cached."""
+    import os
+    import signal
+    import threading
+    import time
+
+    calls: list[str] = []
+    release = threading.Event()
+
+    def long_fit(ctx):
+        release.wait(30)
+        return StepResult(outputs={})
+
+    dag = DAG()
+    dag.add(_step("ok", {}, calls=calls))
+    dag.add(Step("fit", "t", long_fit, {}, ["ok"]))
+    events: list[tuple[str, str]] = []
+    runner = Runner(dag, tmp_path, None, on_event=lambda event, step, info: events.append((event, step.name)))
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()  # a real signal, as Ctrl-C sends
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            runner.run_all()
+        assert time.monotonic() - t0 < 5
+    finally:
+        release.set()
+    assert ("stopped", "fit") in events and ("done", "ok") in events
+    assert Runner(dag, tmp_path, None).run_all() and calls == ["ok"]  # cached: not run again
+
+
 def test_failed_step_leaves_no_cache_and_keeps_finished_work(tmp_path):
     calls: list[str] = []
     dag = DAG()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from components.checkpoint import save_state_file
 from components.data.views import make_views
 from components.errors import ReprflowError
 from components.methods.base import Upstream
@@ -155,7 +156,7 @@ def test_attach_through_upstream_and_mismatches(tmp_path):
     tok = VQVAE(VQVAEConfig(**VQVAE_S))
     tok(_batch(tok))  # initialise the codebook
     path = tmp_path / "state.pt"
-    torch.save({"method": tok.state_dict()}, path)
+    save_state_file({"method": tok.state_dict()}, path)  # with its manifest, as a tokenizer step writes it
     m = BEiT(BEiTConfig(**BEIT_S))
     m.attach({"tokenizer": Upstream("tokenizer", "vqvae", VQVAE_S, str(path))})
     x = _batch(m)["view_0"]

@@ -136,6 +136,36 @@ def test_checkpoint_folder_checked_up_front(tmp_path):
         check_checkpoint_storage(tmp_path / "ok", need_bytes=free + 2**40)
 
 
+def test_an_upstream_model_with_a_tampered_state_is_refused(tmp_path):
+    """What a later step (BEiT's tokenizer, BEiT v2's teacher, VisualBERT's encoder) loads goes
+    through the same manifest check as a resume."""
+    from components.methods.base import Upstream
+    from components.methods.registry import build_method
+
+    settings = {"image_size": 16, "backbone": {"name": "resnet18", "stem": "small"}, "proj_hidden_dim": 32, "proj_dim": 16}
+    method = build_method("simclr", settings)
+    src = tmp_path / "src.pt"
+    torch.save({"method": method.state_dict()}, src)
+    path = tmp_path / "train" / STATE_FILE
+    path.parent.mkdir()
+    write_state_file(src, path)
+    up = Upstream(kind="method", name="simclr", settings=settings, state_path=str(path))
+    loaded = up.load_method()
+    assert all(torch.equal(v, method.state_dict()[k]) for k, v in loaded.state_dict().items())
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ReprflowError, match="failed its integrity check"):
+        up.load_method()
+
+
+def test_every_state_load_goes_through_the_checked_loader():
+    """One place reads training states (components/checkpoint.py): no step can skip the manifest."""
+    callers = [str(p.relative_to(ROOT)) for p in sorted([*ROOT.glob("components/**/*.py"), *ROOT.glob("pipelines/**/*.py")])
+               if re.search(r"(?<!`)torch\.load\(", p.read_text())]
+    assert callers == ["components/checkpoint.py"], callers
+
+
 def test_no_unsafe_deserialisation_anywhere_in_the_code():
     """Every torch.load passes weights_only=True; no pickle, no yaml.load, no eval/exec, no remote code."""
     offenders = []

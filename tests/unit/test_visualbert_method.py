@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from components.checkpoint import save_state_file
 from components.data.scenes import scene_rows
 from components.errors import ReprflowError
 from components.methods.base import Upstream
@@ -28,7 +29,7 @@ def upstream(tmp_path_factory):
     root = tmp_path_factory.mktemp("vb")
     torch.manual_seed(0)
     enc_settings = {"image_size": 16, "proj_hidden_dim": 16, "proj_dim": 8}
-    torch.save({"method": SimCLR(SimCLRConfig(**enc_settings)).state_dict()}, root / "state.pt")
+    save_state_file({"method": SimCLR(SimCLRConfig(**enc_settings)).state_dict()}, root / "state.pt")
     rows = list(scene_rows(0, "train", 64, 32))
     fit_wordpiece([r["captions"][0] for r in rows], {}, root / "tok")
     resources = {"encoder": Upstream("method", "simclr", enc_settings, str(root / "state.pt")),
