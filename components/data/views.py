@@ -76,6 +76,15 @@ class ViewRecipe:
         return ["id", "image", *(["captions"] if self.caption_bytes else []), *(["boxes"] if self.max_boxes else [])]
 
 
+def byol_views(size: int, scale: tuple[float, float], jitter_strength: float = 1.0) -> ViewRecipe:
+    """BYOL's asymmetric pair (Grill et al. 2020, Table 6), which NNCLR and MoCo v3 use too:
+    colour jitter (0.4, 0.4, 0.2, 0.1) x ``jitter_strength`` with p 0.8 and grayscale 0.2 on
+    both views; blur always on view 0 and with p 0.1 on view 1; solarisation (p 0.2) on view 1."""
+    s = jitter_strength
+    common = dict(size=size, scale=tuple(scale), brightness=0.4 * s, contrast=0.4 * s, saturation=0.2 * s, hue=min(0.5, 0.1 * s))
+    return ViewRecipe(views=(ViewSpec(**common, blur_p=1.0, solarize_p=0.0), ViewSpec(**common, blur_p=0.1, solarize_p=0.2)))
+
+
 def two_crop_views(size: int = 32, **overrides) -> ViewRecipe:
     """SimCLR's recipe: two views drawn from the same distribution."""
     spec = ViewSpec(size=size, **overrides)

@@ -67,6 +67,15 @@ class MethodConfig(BaseModel):
         return data
 
 
+class AsymmetricViewsConfig(MethodConfig):
+    """Settings of BYOL's asymmetric view pair (:func:`components.data.views.byol_views`),
+    shared by BYOL, MoCo v3 and NNCLR."""
+
+    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="random-resized-crop area range (papers: 0.08-1 on ImageNet)")
+    jitter_strength: float = Field(1.0, ge=0, le=4, description="multiplies the papers' colour jitter (0.4, 0.4, 0.2, 0.1); "
+                                                                "2 is about SimCLR's s = 1, for data whose colours say nothing of the content")
+
+
 @dataclass
 class Upstream:
     """A finished upstream step a method refers to (see "References" in the module docstring).

@@ -11,22 +11,21 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from components.data.views import ViewRecipe, ViewSpec
+from components.data.views import ViewRecipe, byol_views
 from components.losses.byol import byol_loss
-from components.methods.base import Method, MethodConfig
+from components.methods.base import AsymmetricViewsConfig, Method
 from components.models.backbones import build_backbone
 from components.models.ema import cosine_momentum, ema_update, frozen_copy
 from components.models.heads import mlp_head
 
 
-class BYOLConfig(MethodConfig):
+class BYOLConfig(AsymmetricViewsConfig):
     """BYOL settings; defaults follow the paper (4096-d hidden, 256-d output, LARS 0.2 x B/256)."""
 
     proj_hidden_dim: int = Field(4096, ge=1)
     proj_dim: int = Field(256, ge=1)
     pred_hidden_dim: int = Field(4096, ge=1)
     momentum: float = Field(0.996, ge=0, le=1, description="base EMA rate tau_base; rises to 1 along a cosine")
-    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="random-resized-crop area range (paper: 0.08-1 on ImageNet)")
 
     @classmethod
     def paper_optim(cls, settings: dict) -> dict:
@@ -50,9 +49,7 @@ class BYOL(Method):
 
     @property
     def views(self) -> ViewRecipe:
-        # Colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale 0.2, as in the paper's Table 6.
-        common = dict(size=self.cfg.image_size, scale=tuple(self.cfg.crop_scale), saturation=0.2)
-        return ViewRecipe(views=(ViewSpec(**common, blur_p=1.0, solarize_p=0.0), ViewSpec(**common, blur_p=0.1, solarize_p=0.2)))
+        return byol_views(self.cfg.image_size, self.cfg.crop_scale, self.cfg.jitter_strength)  # the paper's Table 6
 
     def forward(self, batch):
         x1, x2 = batch["view_0"], batch["view_1"]

@@ -9,6 +9,8 @@ receives the batch's targets, gathered from every worker.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -33,6 +35,9 @@ class MeanShiftConfig(MethodConfig):
     momentum: float = Field(0.99, ge=0, le=1, description="target EMA momentum at step 0")
     momentum_final: float = Field(1.0, ge=0, le=1, description="momentum at the last step (half cosine); = momentum for a constant one")
     crop_scale: tuple[float, float] = Field((0.2, 1.0), description="random-resized-crop area range of both views")
+    target_view: Literal["weak", "strong"] = Field("weak", description="the target's view: 'weak' (crop + flip; the paper's default MSF w/s) or 'strong' "
+                                                                       "(MoCo v2's, as the online view: the paper's s/s variant) - with weak targets the "
+                                                                       "neighbours share what a crop keeps, colour included")
 
     @classmethod
     def paper_optim(cls, settings: dict) -> dict:
@@ -59,9 +64,9 @@ class MeanShift(Method):
     @property
     def views(self) -> ViewRecipe:
         size, scale = self.cfg.image_size, tuple(self.cfg.crop_scale)
-        weak = ViewSpec(size=size, scale=scale, jitter_p=0.0, gray_p=0.0, blur_p=0.0)
         strong = ViewSpec(size=size, scale=scale)  # MoCo v2's: jitter 0.4/0.4/0.4/0.1, gray, blur
-        return ViewRecipe(views=(weak, strong))
+        weak = ViewSpec(size=size, scale=scale, jitter_p=0.0, gray_p=0.0, blur_p=0.0) if self.cfg.target_view == "weak" else strong
+        return ViewRecipe(views=(weak, strong))  # view_0 -> target, view_1 -> online
 
     def forward(self, batch):
         prediction = self.predictor(self.projector(self.encoder(batch["view_1"])))

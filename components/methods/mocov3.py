@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from components.data.views import ViewRecipe, ViewSpec
+from components.data.views import ViewRecipe, byol_views
 from components.losses.mocov3 import mocov3_loss
-from components.methods.base import Method, MethodConfig
+from components.methods.base import AsymmetricViewsConfig, Method
 from components.models.backbones import build_backbone
 from components.models.ema import cosine_momentum, ema_update, frozen_copy
 from components.models.heads import mlp_head
@@ -27,7 +27,7 @@ def _is_vit(settings: dict) -> bool:
     return (b.get("name") if isinstance(b, dict) else b.name) in VITS
 
 
-class MoCoV3Config(MethodConfig):
+class MoCoV3Config(AsymmetricViewsConfig):
     """MoCo v3 settings. Backbone-dependent defaults (None) follow the paper's two recipes:
 
     ViT: 3-layer projector, temperature 0.2, AdamW lr 1.5e-4 x B/256, wd 0.1, 40 warm-up epochs;
@@ -41,7 +41,6 @@ class MoCoV3Config(MethodConfig):
     temperature: float | None = Field(None, gt=0, description="None: 0.2 for a ViT, 1.0 for a ResNet")
     momentum: float = Field(0.99, ge=0, le=1, description="base key-encoder momentum; rises to 1 along a cosine")
     freeze_patch_embed: bool = Field(False, description="ViT only: keep the random patch projection fixed (Sec. 4.2)")
-    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="random-resized-crop area range (paper: 0.08-1)")
 
     @classmethod
     def paper_optim(cls, settings: dict) -> dict:
@@ -85,8 +84,7 @@ class MoCoV3(Method):
 
     @property
     def views(self) -> ViewRecipe:
-        common = dict(size=self.cfg.image_size, scale=tuple(self.cfg.crop_scale), saturation=0.2)
-        return ViewRecipe(views=(ViewSpec(**common, blur_p=1.0, solarize_p=0.0), ViewSpec(**common, blur_p=0.1, solarize_p=0.2)))
+        return byol_views(self.cfg.image_size, self.cfg.crop_scale, self.cfg.jitter_strength)  # BYOL's, as the paper
 
     def forward(self, batch):
         x1, x2 = batch["view_0"], batch["view_1"]

@@ -13,15 +13,15 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from components.data.views import ViewRecipe, ViewSpec
+from components.data.views import ViewRecipe, byol_views
 from components.losses.nnclr import nnclr_loss
-from components.methods.base import Method, MethodConfig
+from components.methods.base import AsymmetricViewsConfig, Method
 from components.models.backbones import build_backbone
 from components.models.heads import mlp_head
 from components.models.memory_bank import MemoryBank
 
 
-class NNCLRConfig(MethodConfig):
+class NNCLRConfig(AsymmetricViewsConfig):
     """NNCLR settings; defaults follow the paper (Sec. 4 and the appendix)."""
 
     proj_hidden_dim: int = Field(2048, ge=1)
@@ -30,7 +30,6 @@ class NNCLRConfig(MethodConfig):
     pred_hidden_dim: int = Field(4096, ge=1)
     support_set_size: int = Field(98_304, ge=1, description="FIFO support set of past projections (paper: 98,304)")
     temperature: float = Field(0.1, gt=0)
-    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="random-resized-crop area range (paper: 0.08-1 on ImageNet)")
 
     @classmethod
     def paper_optim(cls, settings: dict) -> dict:
@@ -56,8 +55,7 @@ class NNCLR(Method):
     def views(self) -> ViewRecipe:
         # BYOL's asymmetric recipe, which the paper uses: blur always on one view, rarely on the
         # other, solarisation only on the second.
-        common = dict(size=self.cfg.image_size, scale=tuple(self.cfg.crop_scale), brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
-        return ViewRecipe(views=(ViewSpec(**common, blur_p=1.0), ViewSpec(**common, blur_p=0.1, solarize_p=0.2)))
+        return byol_views(self.cfg.image_size, self.cfg.crop_scale, self.cfg.jitter_strength)
 
     def neighbours(self, z: torch.Tensor) -> torch.Tensor:
         """The nearest support-set row of each projection (the projection itself while empty)."""

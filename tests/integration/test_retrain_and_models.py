@@ -177,6 +177,34 @@ def test_retrain_that_cannot_win_keeps_the_champion_and_records_both_scores(ops,
     assert keys and dist(challenger, champion) < 0.5 * dist(challenger, init)
 
 
+def test_a_retrain_refuses_a_tampered_champion_state(ops):
+    """The warm start checks the champion's training_state/ against its manifest: a modified
+    state is refused by name, no version is registered, the retrain run ends FAILED."""
+    from urllib.parse import urlparse
+
+    from pipelines.retrain import retrain
+
+    client = _client(ops)
+    v1 = client.get_model_version(NAME, "1")
+    uri = client.get_run(v1.run_id).info.artifact_uri
+    state = Path(urlparse(uri).path if uri.startswith("file:") else uri) / "training_state" / "state.pt"
+    assert (state.parent / "state.pt.sha256").is_file()  # registered with its manifest
+    original = state.read_bytes()
+    data = bytearray(original)
+    data[len(data) // 2] ^= 0x01
+    state.write_bytes(bytes(data))
+    try:
+        with pytest.raises(ReprflowError, match="failed its integrity check"):
+            retrain(load_config(ops["path"], ["retrain.epochs=3"]))  # new step keys: nothing cached
+    finally:
+        state.write_bytes(original)
+    assert sorted(str(v.version) for v in client.search_model_versions(f"name='{NAME}'")) == ["1", "2"]
+    exp = client.get_experiment_by_name("ops")
+    [last] = client.search_runs([exp.experiment_id], "tags.`reprflow.kind` = 'retrain'", order_by=["attributes.start_time DESC"], max_results=1)
+    assert last.info.status == "FAILED"
+    assert not list((ops["cfg"].storage_path() / "locks").glob("driver-*.lock"))  # its driver lock went with the recorded end
+
+
 def test_two_concurrent_retrains_promote_exactly_once(ops):
     from pipelines.retrain import retrain
 
