@@ -292,6 +292,10 @@ def run_trainer(*, key: str, method: str, settings: dict, train, rows: int, file
 
     from pipelines.ray_data import views_dataset
 
+    # Checked here, with one clear error, not in workers that Ray would restart max_failures times.
+    for path in [warm_start, *[r.get("state_path") for r in (resources or {}).values()]]:
+        if path:
+            verify_state(Path(path))
     ray_results = storage / "ray_results"
     name = f"train-{key}"
     # Checked now rather than when the first epoch ends: disk space for the kept checkpoints

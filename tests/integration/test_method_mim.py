@@ -40,8 +40,10 @@ def test_tokenizers_are_trained_registered_and_reused_on_rerun(methods_run):
     mtimes = {}
     for name in ("tiny-vqvae", "tiny-vqkd"):
         folder, state = _tokenizer_state(cfg, name)
-        losses = [h["loss"] for h in state["history"]]
-        assert losses[-1] < losses[0], (name, losses)
+        # The VQ-VAE's reconstruction error (its commitment term may grow while codes come into use).
+        key = "recon_mse" if "recon_mse" in state["history"][0] else "loss"
+        losses = [h[key] for h in state["history"]]
+        assert losses[-1] < losses[0], (name, key, losses)
         assert state["history"][-1]["codebook_usage"] > 0.2, name  # codes stay in use (no collapse)
         assert len(client.search_model_versions(f"name='{cfg.name}-tokenizer-{name}'")) == 1
         mtimes[name] = (folder / "state.pt").stat().st_mtime

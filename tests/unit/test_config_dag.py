@@ -123,6 +123,8 @@ def test_ctrl_c_does_not_wait_for_running_steps(tmp_path):
     dag.add(Step("fit", "t", long_fit, {}, ["ok"]))
     events: list[tuple[str, str]] = []
     runner = Runner(dag, tmp_path, None, on_event=lambda event, step, info: events.append((event, step.name)))
+    # Python's own handler: a Ray Train fit run earlier in this process's main thread replaces it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()  # a real signal, as Ctrl-C sends
     t0 = time.monotonic()
     try:
@@ -131,6 +133,7 @@ def test_ctrl_c_does_not_wait_for_running_steps(tmp_path):
         assert time.monotonic() - t0 < 5
     finally:
         release.set()
+        signal.signal(signal.SIGINT, previous)
     assert ("stopped", "fit") in events and ("done", "ok") in events
     assert Runner(dag, tmp_path, None).run_all() and calls == ["ok"]  # cached: not run again
 
