@@ -33,8 +33,19 @@ _SECRET_NAME = re.compile(r"(?i)(TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_?KE
 _NOT_SECRET_NAME = re.compile(r"(?i)(_MODE|_PATH|_FILE|_DIR|_ENABLED|_TYPE|_ID)$")
 
 
+def _environ() -> dict[str, str]:
+    """A snapshot of the environment. Other threads (MLflow's telemetry, Ray) set and unset
+    variables while we read: iterating ``os.environ`` then raises KeyError or RuntimeError."""
+    for _ in range(10):
+        try:
+            return dict(os.environ)
+        except (KeyError, RuntimeError):
+            continue
+    return dict(os.environ)  # never redact against an empty snapshot: let the error out
+
+
 def _secret_values() -> list[str]:
-    values = {v for k, v in os.environ.items() if _SECRET_NAME.search(k) and not _NOT_SECRET_NAME.search(k) and len(v) >= 8}
+    values = {v for k, v in _environ().items() if _SECRET_NAME.search(k) and not _NOT_SECRET_NAME.search(k) and len(v) >= 8}
     return sorted(values, key=len, reverse=True)
 
 

@@ -187,6 +187,28 @@ SECRETS = {"aws": "AKIAEXAMPLEKEY", "aws_secret": "wJalrXUtnFEMIK7MDENGbPxRfiCYS
            "token": "tok_live_0123456789", "env": "sk-env-secret-value-42"}
 
 
+def test_redact_survives_other_threads_changing_the_environment():
+    """MLflow's telemetry thread sets and unsets variables while runs are logged (seen: KeyError
+    '_MLFLOW_TELEMETRY_SESSION_ID' out of a pipeline's start)."""
+    import threading
+
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            os.environ["_REPRFLOW_TEST_CHURN"] = "x"
+            os.environ.pop("_REPRFLOW_TEST_CHURN", None)
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        for _ in range(3000):
+            redact("a value")
+    finally:
+        stop.set()
+        t.join()
+
+
 def test_redact_masks_uri_credentials_signed_urls_and_secret_environment(monkeypatch):
     monkeypatch.setenv("REPRFLOW_TEST_API_TOKEN", SECRETS["env"])
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # not a secret: a mode
