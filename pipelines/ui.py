@@ -115,13 +115,17 @@ def _raise_interrupt(signum, frame):
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    """Stop a server started by :func:`serve` (its whole process group: mlflow spawns workers)."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    """Stop a server started by :func:`serve` (its whole process group: mlflow spawns workers,
+    which may outlive the leader - so the group is signalled even when the leader is gone)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return  # nothing of the group is left
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # workers still running after the leader's exit
+    except ProcessLookupError:
+        pass
