@@ -279,17 +279,9 @@ def retrain(cfg: PipelineConfig, output: Path | None = None, wait_seconds: float
                                [train_ds, r.name, v.name, cv.name]))
             reg.still_valid = lambda result: registered_version_exists(run, result)
 
-        tracker.mark_stale_runs(storage)  # runs left RUNNING by a driver that died -> FAILED
-        parent = tracker.start_parent(f"{cfg.name}-retrain-{time.strftime('%Y%m%d-%H%M%S')}", cfg_json,
-                                      {"reprflow.kind": "retrain", "reprflow.pipeline": cfg.name, "reprflow.config_hash": config_hash, "reprflow.code_version": run.code_version})
-        tracker.hold_driver_lock(storage, parent)
-        try:
+        tags = {"reprflow.kind": "retrain", "reprflow.pipeline": cfg.name, "reprflow.config_hash": config_hash, "reprflow.code_version": run.code_version}
+        with tracker.driver_run(storage, f"{cfg.name}-retrain-{time.strftime('%Y%m%d-%H%M%S')}", cfg_json, tags) as parent:
             return _run_retrain(cfg, tracker, run, dag, todo, parent, eval_fp, output, config_text, cfg_json, t0)
-        except BaseException:
-            tracker.finish(parent, "FAILED", best_effort=True)
-            raise
-        finally:
-            tracker.release_driver_lock()
 
 
 def _run_retrain(cfg: PipelineConfig, tracker: Tracker, run, dag: DAG, todo: list[Plan], parent: str, eval_fp: str, output: Path | None,

@@ -222,11 +222,10 @@ def run_pipeline(cfg: PipelineConfig, output: Path | None = None, force: bool = 
     tracker = Tracker(cfg.tracking_uri(), cfg.mlflow.experiment or cfg.name, storage / "mlartifacts")
     run = PipelineRun(cfg, storage, tracker, config_hash, code_version())
     dag, table_steps = build_dag(cfg, resolve_model=lambda uri: _pinned_version(tracker.client, uri))
-    tracker.mark_stale_runs(storage)
-    init_ray(cfg)
-    parent = tracker.start_parent(f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", cfg_json, {"reprflow.pipeline": cfg.name, "reprflow.config_hash": config_hash, "reprflow.code_version": run.code_version})
-    tracker.hold_driver_lock(storage, parent)
-    try:
+    tags = {"reprflow.pipeline": cfg.name, "reprflow.config_hash": config_hash, "reprflow.code_version": run.code_version}
+    # MLflow first (unreachable: a clear error before Ray starts), then the local Ray.
+    with tracker.driver_run(storage, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", cfg_json, tags) as parent:
+        init_ray(cfg)
         tracker.log_text(parent, config_text or json.dumps(cfg_json, indent=2), "pipeline.yaml" if config_text else "pipeline.json")
         print(f"[reprflow] pipeline '{cfg.name}': {len(dag.steps)} steps; MLflow run {parent} ({redact(cfg.tracking_uri())})", flush=True)
 
@@ -239,11 +238,6 @@ def run_pipeline(cfg: PipelineConfig, output: Path | None = None, force: bool = 
         table["wall_seconds"] = time.monotonic() - t0
         write_report(table, output, tracker, parent)
         tracker.finish(parent)
-    except BaseException:
-        tracker.finish(parent, "FAILED", best_effort=True)
-        raise
-    finally:
-        tracker.release_driver_lock()
     table["output"] = str(output)
     table["mlflow_url"] = tracker.run_url(parent)
     return table

@@ -28,8 +28,9 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
@@ -214,6 +215,22 @@ class Tracker:
         return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{rid}"
 
     # -------------------------------------------------------------- driver liveness
+
+    @contextmanager
+    def driver_run(self, storage: Path, name: str, params: dict, tags: dict[str, str]) -> Iterator[str]:
+        """The parent run of one ``reprflow run``/``retrain`` driver: runs that dead drivers left
+        RUNNING are marked FAILED first; this driver's lock is held while the body runs; an
+        exception (Ctrl-C included) ends the run FAILED. The body calls :meth:`finish` on success."""
+        self.mark_stale_runs(storage)
+        parent = self.start_parent(name, params, tags)
+        self.hold_driver_lock(storage, parent)
+        try:
+            yield parent
+        except BaseException:
+            self.finish(parent, "FAILED", best_effort=True)
+            raise
+        finally:
+            self.release_driver_lock()
 
     def hold_driver_lock(self, storage: Path, run_id: str) -> None:
         """Hold ``<storage>/locks/driver-<run_id>.lock`` (``flock``) while this driver lives; the
