@@ -7,12 +7,14 @@ PyTorch loop (``components.training.TrainStep``); only the method (heads, loss, 
 differs. Each trained encoder is judged by weighted kNN top-1 on the val split, beside a
 random-init encoder. Prints a table and JSON (also written with ``--out``).
 
-    python bench/quality.py --methods simclr,nnclr,meanshift,scl --epochs 10   # ~1 h on 2 cores
-    python bench/quality.py --methods byol,mocov3,dino --epochs 10             # self-distillation family
+    python bench/quality.py --pipeline pipelines/contrastive.yaml --test      # a pipeline's methods, data, budget
+    python bench/quality.py --pipeline pipelines/distillation.yaml --epochs 5 --sides both
+    python bench/quality.py --pipeline pipelines/contrastive.yaml --methods nnclr --set methods.1.settings.temperature=0.2
+    python bench/quality.py --methods simclr,nnclr,meanshift,scl --epochs 10   # the built-in small settings
     python bench/quality.py --quick                                             # smoke test, a few minutes
 
-lightly 1.6 has SimCLR, NNCLR, BYOL and DINO but not MSF, SCL or MoCo v3's loss: those rows
-say so. Without ``pip install lightly`` (the ``bench`` extra) the lightly column says how to get it.
+lightly 1.6 has SimCLR, NNCLR, BYOL and DINO, MoCo v3's heads but not its loss (written out
+beside them), and not MSF or SCL: those rows say so. Without ``pip install lightly`` (the ``bench`` extra) the lightly column says how to get it.
 """
 
 from __future__ import annotations
@@ -218,20 +220,68 @@ class LightlyDINO(LightlyMethod):
         self.steps_done = step + 1
 
 
-LIGHTLY = {"simclr": LightlySimCLR, "nnclr": LightlyNNCLR, "byol": LightlyBYOL, "dino": LightlyDINO}
-# Not in lightly 1.6, so not compared: MSF, SCL, and MoCo v3 (lightly has its heads, not its loss).
+class LightlyMoCoV3(LightlyMethod):
+    """MoCo v3 from lightly's pieces: its MoCo head (MoCo v3's BN on every layer), BYOL's
+    prediction head, momentum helpers and schedule. lightly 1.6 has no MoCo v3 loss (its NTXentLoss
+    adds same-view negatives), so the loss is the paper's pseudocode: 2 tau CE(q k^T / tau)."""
+
+    def __init__(self, cfg, views):
+        super().__init__(cfg, views)
+        from lightly.models.modules.heads import BYOLPredictionHead, MoCoProjectionHead
+
+        self.projector = MoCoProjectionHead(self.encoder.feature_dim, cfg.proj_hidden_dim, cfg.proj_dim, num_layers=cfg.proj_layers, batch_norm=True)
+        self.predictor = BYOLPredictionHead(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim)
+        if cfg.freeze_patch_embed:  # the paper's trick is a setting of the method, so both sides get it
+            self.encoder.vit.patch_embed.requires_grad_(False)
+
+    def on_train_start(self, steps_per_epoch, total_steps):
+        """Copy the key encoder now: run_one loads the shared initial weights after construction."""
+        from lightly.models.utils import deactivate_requires_grad
+
+        super().on_train_start(steps_per_epoch, total_steps)
+        self.key_encoder, self.key_projector = copy.deepcopy(self.encoder), copy.deepcopy(self.projector)
+        deactivate_requires_grad(self.key_encoder)
+        deactivate_requires_grad(self.key_projector)
+
+    def _ctr(self, q, k):
+        q, k = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(k, dim=1)
+        logits = q @ k.T / self.cfg.temperature
+        return 2 * self.cfg.temperature * torch.nn.functional.cross_entropy(logits, torch.arange(len(q)))
+
+    def forward(self, batch):
+        x0, x1 = batch["view_0"], batch["view_1"]
+        q0 = self.predictor(self.projector(self.encoder(x0)))
+        q1 = self.predictor(self.projector(self.encoder(x1)))
+        with torch.no_grad():
+            k0 = self.key_projector(self.key_encoder(x0))
+            k1 = self.key_projector(self.key_encoder(x1))
+        return {"loss": self._ctr(q0, k1) + self._ctr(q1, k0)}
+
+    def on_step_end(self, step, total_steps):
+        from lightly.models.utils import update_momentum
+        from lightly.utils.scheduler import cosine_schedule
+
+        m = cosine_schedule(step, total_steps, self.cfg.momentum, 1.0)
+        update_momentum(self.encoder, self.key_encoder, m)
+        update_momentum(self.projector, self.key_projector, m)
+
+
+LIGHTLY = {"simclr": LightlySimCLR, "nnclr": LightlyNNCLR, "byol": LightlyBYOL, "dino": LightlyDINO, "mocov3": LightlyMoCoV3}
+# Not in lightly 1.6, so not compared: MSF and SCL.
 
 
 # ---------------------------------------------------------------- data, training, evaluation
 
 
-def scenes_images(root: Path, train: int, val: int, size: int, decode_size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def scenes_images(root: Path, train: int, val: int, size: int, decode_size: int, seed: int = 0, test: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Write the scenes splits as shards under ``root`` (once), read them back, decode them."""
     out = {}
-    for split, count in (("train", train), ("val", val)):
-        uri = str(root / f"scenes-{size}-{count}" / split)
+    for split, count in (("train", train), ("val", val), ("test", test)):
+        if not count:
+            continue
+        uri = str(root / f"scenes-{size}-{count}-seed{seed}" / split)
         if not Path(uri).is_dir():
-            sh.write_shards(scene_rows(0, split, count, size), uri)
+            sh.write_shards(scene_rows(seed, split, count, size), uri)
         rows = list(sh.read_rows(uri, columns=["id", "image", "label"]))
         imgs, keep, _ = decode_batch([r["image"] for r in rows], [r["id"] for r in rows], decode_size)
         labels = torch.tensor([r["label"] for r, k in zip(rows, keep) if k])
@@ -239,7 +289,7 @@ def scenes_images(root: Path, train: int, val: int, size: int, decode_size: int)
     return out
 
 
-def train(method: Method, images: torch.Tensor, epochs: int, batch_size: int, seed: int) -> tuple[float, float]:
+def train(method: Method, images: torch.Tensor, epochs: int, batch_size: int, seed: int, log_every: int = 0) -> tuple[float, float]:
     """Train in a plain loop; returns (first-epoch loss, last-epoch loss)."""
     steps = len(images) // batch_size
     step = TrainStep(method, batch_size, steps, epochs)
@@ -247,23 +297,34 @@ def train(method: Method, images: torch.Tensor, epochs: int, batch_size: int, se
     method.train()
     losses = []
     for epoch in range(epochs):
-        perm, total = torch.randperm(len(images), generator=g), 0.0
+        perm, total, t0 = torch.randperm(len(images), generator=g), 0.0, time.monotonic()
         for i in range(steps):
             views = make_views(images[perm[i * batch_size : (i + 1) * batch_size]], method.views, g)
             total += step(prepare_batch(views), epoch * steps + i)["loss"]
         losses.append(total / steps)
+        if log_every and (epoch + 1) % log_every == 0:
+            print(f"  epoch {epoch + 1}/{epochs}: loss {losses[-1]:.4f} ({time.monotonic() - t0:.1f} s)", flush=True)
     return losses[0], losses[-1]
 
 
 @torch.no_grad()
-def knn_accuracy(encoder: torch.nn.Module, image_size: int, data: dict, k: int = 20) -> float:
-    """Weighted kNN top-1 (%) of val images against the train split."""
+def knn_accuracy(encoder: torch.nn.Module, image_size: int, data: dict, k: int = 20, split: str = "val") -> float:
+    """Weighted kNN top-1 (%) of ``split`` images against the train split."""
+    encoder.eval()
     model = EmbeddingModel(encoder, image_size).eval()
-    feats = {s: torch.cat([model(x) for x in data[s][0].split(256)]) for s in ("train", "val")}
-    return knn_top1(feats["train"], data["train"][1], feats["val"], data["val"][1], num_classes=int(data["train"][1].max()) + 1, k=k)
+    feats = {s: torch.cat([model(x) for x in data[s][0].split(256)]) for s in ("train", split)}
+    return knn_top1(feats["train"], data["train"][1], feats[split], data[split][1], num_classes=int(data["train"][1].max()) + 1, k=k)
 
 
-def run_one(name: str, settings: dict, data: dict, args, side: str) -> dict:
+def scores(encoder: torch.nn.Module, image_size: int, data: dict, k: int) -> dict:
+    """kNN top-1 on val (and on test when the data has it)."""
+    out = {"knn_top1": knn_accuracy(encoder, image_size, data, k)}
+    if "test" in data:
+        out["test_knn_top1"] = knn_accuracy(encoder, image_size, data, k, "test")
+    return out
+
+
+def run_one(name: str, settings: dict, data: dict, args, side: str, epochs: int, batch_size: int) -> dict:
     """Train and judge one side ('ours' or 'lightly') of one method."""
     cfg = method_config(name, settings)
     torch.manual_seed(args.seed)  # identical backbone initialisation on both sides
@@ -273,62 +334,109 @@ def run_one(name: str, settings: dict, data: dict, args, side: str) -> dict:
         method = LIGHTLY[name](cfg, ours.views)
         method.encoder.load_state_dict(ours.encoder.state_dict())
     t0 = time.monotonic()
-    first, last = train(method, data["train"][0], args.epochs, args.batch_size, args.seed)
-    return {"knn_top1": knn_accuracy(method.encoder, cfg.image_size, data), "loss_first": first, "loss_last": last, "seconds": time.monotonic() - t0}
+    first, last = train(method, data["train"][0], epochs, batch_size, args.seed, log_every=args.log_every)
+    return {**scores(method.encoder, cfg.image_size, data, args.knn_k), "loss_first": first, "loss_last": last, "seconds": time.monotonic() - t0}
+
+
+def floor_knn(name: str, settings: dict, data: dict, args) -> tuple[str, dict]:
+    """The random-init encoder of a method's backbone (same seed), judged like a trained one."""
+    cfg = method_config(name, settings)
+    torch.manual_seed(args.seed)
+    return cfg.backbone.name, scores(build_backbone(cfg.backbone), cfg.image_size, data, args.knn_k)
+
+
+def plan(args) -> tuple[list[tuple[str, dict, int, int]], dict]:
+    """(name, settings, epochs, batch size) per method, and the data spec, from the flags or a pipeline file."""
+    names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else []
+    if args.pipeline:
+        from pipelines.config import load_config  # validates the file and the --set overrides
+
+        cfg = load_config(args.pipeline, args.set)
+        ds = cfg.datasets[cfg.train.dataset]
+        if ds.kind != "scenes":
+            raise SystemExit(f"quality.py: {args.pipeline} trains on '{ds.kind}' data; only scenes pipelines are supported")
+        specs = [s for s in cfg.methods if not names or s.name in names]
+        rows = []
+        for s in specs:
+            t = cfg.method_train(s)
+            rows.append((s.name, dict(s.settings), args.epochs or t.epochs, args.batch_size or t.batch_size))
+        data = {"train": args.train_images or ds.train, "val": args.val_images or ds.val, "test": ds.test if args.test else 0,
+                "size": ds.image_size, "decode": cfg.train.decode_size, "seed": ds.seed}
+        return rows, data
+    names = names or ["simclr", "nnclr", "meanshift", "scl"]
+    unknown = [m for m in names if m not in SETTINGS]
+    if unknown:
+        raise SystemExit(f"quality.py: no benchmark settings for {', '.join(unknown)} (known: {', '.join(SETTINGS)}); or use --pipeline")
+    rows = []
+    for name in names:
+        settings = {**SETTINGS[name], "image_size": args.image_size}
+        if args.quick:
+            settings.update({k: v for k, v in QUICK_HEADS.items() if k in method_class(name).Config.model_fields})
+        rows.append((name, settings, args.epochs or 10, args.batch_size or 128))
+    data = {"train": args.train_images or 2000, "val": args.val_images or 500, "test": 0, "size": 64,
+            "decode": max(args.image_size, 32), "seed": 0}
+    return rows, data
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", default="simclr,nnclr,meanshift,scl", help="comma-separated registry names")
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--train-images", type=int, default=2000)
-    ap.add_argument("--val-images", type=int, default=500)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--image-size", type=int, default=32, help="side of the training views")
+    ap.add_argument("--pipeline", default=None, help="take methods, settings, data and budget from this pipeline file")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --pipeline: override a field, e.g. methods.1.settings.temperature=0.2")
+    ap.add_argument("--methods", default=None, help="comma-separated registry names (with --pipeline: a subset of its methods)")
+    ap.add_argument("--sides", default="both", choices=["both", "ours", "lightly"], help="which implementations to train")
+    ap.add_argument("--epochs", type=int, default=None, help="default: the pipeline's, else 10")
+    ap.add_argument("--train-images", type=int, default=None)
+    ap.add_argument("--val-images", type=int, default=None)
+    ap.add_argument("--test", action="store_true", help="with --pipeline: also report kNN on the test split")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--image-size", type=int, default=32, help="without --pipeline: side of the training views")
+    ap.add_argument("--knn-k", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
+    ap.add_argument("--log-every", type=int, default=0, help="print the mean loss every N epochs")
     ap.add_argument("--data-dir", default=None, help="where the scenes shards are cached (default: a temp folder)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--quick", action="store_true", help="smoke test: 256 images, 16 px, 1 epoch, tiny heads")
     args = ap.parse_args()
     if args.quick:
         args.epochs, args.train_images, args.val_images, args.batch_size, args.image_size = 1, 256, 128, 64, 16
-    torch.set_num_threads(os.cpu_count() or 1)
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in names if m not in SETTINGS]
-    if unknown:
-        print(f"quality.py: no benchmark settings for {', '.join(unknown)} (known: {', '.join(SETTINGS)})", file=sys.stderr)
-        return 2
-
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    rows, spec = plan(args)
     version = lightly_version()
+    t_start = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
-        data = scenes_images(Path(args.data_dir or tmp), args.train_images, args.val_images, 64, max(args.image_size, 32))
-        results: dict = {"config": {k: v for k, v in vars(args).items()}, "lightly": version, "methods": {}}
-        torch.manual_seed(args.seed)
-        floor = build_method("simclr", {"image_size": args.image_size}).encoder
-        results["random_init_knn_top1"] = knn_accuracy(floor, args.image_size, data)
-        for name in names:
-            settings = {**SETTINGS[name], "image_size": args.image_size}
-            if args.quick:
-                settings.update({k: v for k, v in QUICK_HEADS.items() if k in method_class(name).Config.model_fields})
-            row = {"ours": run_one(name, settings, data, args, "ours")}
-            if version is None:
-                row["lightly"] = "lightly is not installed: pip install lightly (the 'bench' extra)"
-            elif name not in LIGHTLY:
-                row["lightly"] = f"not in lightly {version}"
-            else:
-                row["lightly"] = run_one(name, settings, data, args, "lightly")
+        data = scenes_images(Path(args.data_dir or tmp), spec["train"], spec["val"], spec["size"], spec["decode"], spec["seed"], spec["test"])
+        results: dict = {"config": {k: v for k, v in vars(args).items()}, "data": spec, "lightly": version, "floors": {}, "methods": {}}
+        for name, settings, epochs, batch_size in rows:
+            backbone, floor = floor_knn(name, settings, data, args)
+            results["floors"].setdefault(backbone, floor)
+            row: dict = {"backbone": backbone, "epochs": epochs, "batch_size": batch_size, "settings": settings}
+            if args.sides in ("both", "ours"):
+                row["ours"] = run_one(name, settings, data, args, "ours", epochs, batch_size)
+            if args.sides in ("both", "lightly"):
+                if version is None:
+                    row["lightly"] = "lightly is not installed: pip install lightly (the 'bench' extra)"
+                elif name not in LIGHTLY:
+                    row["lightly"] = f"not in lightly {version}"
+                else:
+                    row["lightly"] = run_one(name, settings, data, args, "lightly", epochs, batch_size)
             results["methods"][name] = row
-            print(f"[quality] {name}: ours {row['ours']['knn_top1']:.1f}%"
-                  + (f", lightly {row['lightly']['knn_top1']:.1f}%" if isinstance(row["lightly"], dict) else ""), flush=True)
+            parts = [f"{side} {row[side]['knn_top1']:.1f}%" for side in ("ours", "lightly") if isinstance(row.get(side), dict)]
+            print(f"[quality] {name} ({backbone}, floor {floor['knn_top1']:.1f}%): {', '.join(parts)}", flush=True)
 
-    print(f"\nkNN top-1 (%) on scenes val, {args.epochs} epochs x {args.train_images} images, {args.image_size} px, resnet18; "
-          f"random init: {results['random_init_knn_top1']:.1f}")
-    print(f"{'method':<10} {'reprflow':>9} {'lightly':>9}   notes")
+    test = spec["test"] > 0
+    print(f"\nkNN top-1 (%) on scenes val{' (test)' if test else ''}, {spec['train']} training images of {spec['size']} px "
+          f"decoded at {spec['decode']}; {time.monotonic() - t_start:.0f} s")
+    print(f"{'method':<10} {'backbone':<9} {'epochs':>6} {'floor':>13} {'reprflow':>13} {'lightly':>13}   notes")
+
+    def cell(d) -> str:
+        if not isinstance(d, dict):
+            return f"{'-':>13}"
+        return f"{d['knn_top1']:6.1f} ({d['test_knn_top1']:4.1f})" if test else f"{d['knn_top1']:13.1f}"
+
     for name, row in results["methods"].items():
-        theirs = row["lightly"]
-        cell = f"{theirs['knn_top1']:9.1f}" if isinstance(theirs, dict) else f"{'-':>9}"
-        note = "" if isinstance(theirs, dict) else theirs
-        print(f"{name:<10} {row['ours']['knn_top1']:9.1f} {cell}   {note}")
+        note = next((row[s] for s in ("lightly", "ours") if isinstance(row.get(s), str)), "")
+        print(f"{name:<10} {row['backbone']:<9} {row['epochs']:>6} {cell(results['floors'][row['backbone']])} {cell(row.get('ours'))} {cell(row.get('lightly'))}   {note}")
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

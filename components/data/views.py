@@ -85,6 +85,13 @@ def byol_views(size: int, scale: tuple[float, float], jitter_strength: float = 1
     return ViewRecipe(views=(ViewSpec(**common, blur_p=1.0, solarize_p=0.0), ViewSpec(**common, blur_p=0.1, solarize_p=0.2)))
 
 
+def mocov2_view(size: int, scale: tuple[float, float], jitter_strength: float = 1.0) -> ViewSpec:
+    """MoCo v2's augmentation (Chen et al. 2020), which SimSiam, SCL and MSF's strong view use:
+    colour jitter (0.4, 0.4, 0.4, 0.1) x ``jitter_strength`` with p 0.8, grayscale 0.2, blur 0.5."""
+    s = jitter_strength
+    return ViewSpec(size=size, scale=tuple(scale), brightness=0.4 * s, contrast=0.4 * s, saturation=0.4 * s, hue=min(0.5, 0.1 * s))
+
+
 def two_crop_views(size: int = 32, **overrides) -> ViewRecipe:
     """SimCLR's recipe: two views drawn from the same distribution."""
     spec = ViewSpec(size=size, **overrides)

@@ -41,6 +41,8 @@ class DINOConfig(MethodConfig):
     center_momentum: float = Field(0.9, ge=0, lt=1)
     momentum: float = Field(0.996, ge=0, le=1, description="base teacher momentum; rises to 1 along a cosine")
     freeze_last_layer_epochs: float = Field(1, ge=0)
+    jitter_strength: float = Field(1.0, ge=0, le=4, description="multiplies the colour jitter of every crop (BYOL's 0.4, 0.4, 0.2, 0.1); "
+                                                                "2 is about SimCLR's s = 1, for data whose colours say nothing of the content")
 
     @classmethod
     def paper_optim(cls, settings: dict) -> dict:
@@ -88,8 +90,10 @@ class DINO(Method):
     def views(self) -> ViewRecipe:
         c = self.cfg
         # BYOL's colour recipe; global crop 1 always blurred, crop 2 rarely but solarized (App. / code).
-        g = dict(size=c.image_size, scale=tuple(c.global_scale), saturation=0.2)
-        local = ViewSpec(size=c.local_size, scale=tuple(c.local_scale), saturation=0.2, blur_p=0.5)
+        s = c.jitter_strength
+        colour = dict(brightness=0.4 * s, contrast=0.4 * s, saturation=0.2 * s, hue=min(0.5, 0.1 * s))
+        g = dict(size=c.image_size, scale=tuple(c.global_scale), **colour)
+        local = ViewSpec(size=c.local_size, scale=tuple(c.local_scale), blur_p=0.5, **colour)
         return ViewRecipe(views=(ViewSpec(**g, blur_p=1.0), ViewSpec(**g, blur_p=0.1, solarize_p=0.2), *[local] * c.n_local))
 
     def _steps_per_epoch(self) -> int:

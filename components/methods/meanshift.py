@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from components.data.views import ViewRecipe, ViewSpec
+from components.data.views import ViewRecipe, ViewSpec, mocov2_view
 from components.losses.msf import msf_loss
 from components.methods.base import Method, MethodConfig
 from components.models.backbones import build_backbone
@@ -35,6 +35,7 @@ class MeanShiftConfig(MethodConfig):
     momentum: float = Field(0.99, ge=0, le=1, description="target EMA momentum at step 0")
     momentum_final: float = Field(1.0, ge=0, le=1, description="momentum at the last step (half cosine); = momentum for a constant one")
     crop_scale: tuple[float, float] = Field((0.2, 1.0), description="random-resized-crop area range of both views")
+    jitter_strength: float = Field(1.0, ge=0, le=4, description="multiplies the strong view's colour jitter (MoCo v2's 0.4, 0.4, 0.4, 0.1)")
     target_view: Literal["weak", "strong"] = Field("weak", description="the target's view: 'weak' (crop + flip; the paper's default MSF w/s) or 'strong' "
                                                                        "(MoCo v2's, as the online view: the paper's s/s variant) - with weak targets the "
                                                                        "neighbours share what a crop keeps, colour included")
@@ -64,7 +65,7 @@ class MeanShift(Method):
     @property
     def views(self) -> ViewRecipe:
         size, scale = self.cfg.image_size, tuple(self.cfg.crop_scale)
-        strong = ViewSpec(size=size, scale=scale)  # MoCo v2's: jitter 0.4/0.4/0.4/0.1, gray, blur
+        strong = mocov2_view(size, scale, self.cfg.jitter_strength)  # MoCo v2's: jitter 0.4/0.4/0.4/0.1, gray, blur
         weak = ViewSpec(size=size, scale=scale, jitter_p=0.0, gray_p=0.0, blur_p=0.0) if self.cfg.target_view == "weak" else strong
         return ViewRecipe(views=(weak, strong))  # view_0 -> target, view_1 -> online
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from components.data.views import ViewRecipe, ViewSpec
+from components.data.views import ViewRecipe, mocov2_view
 from components.losses.scl import spectral_contrastive_loss
 from components.methods.base import Method, MethodConfig
 from components.models.backbones import build_backbone
@@ -24,6 +24,8 @@ class SCLConfig(MethodConfig):
     proj_layers: int = Field(3, ge=1)
     mu: float = Field(10.0, gt=0, description="embeddings clipped to norm sqrt(mu), loss divided by mu (1 on CIFAR, 10 on ImageNet)")
     crop_scale: tuple[float, float] = Field((0.2, 1.0), description="random-resized-crop area range")
+    jitter_strength: float = Field(1.0, ge=0, le=4, description="multiplies MoCo v2's colour jitter (0.4, 0.4, 0.4, 0.1); "
+                                                                "2 is about SimCLR's s = 1, for data whose colours say nothing of the content")
 
     @classmethod
     def paper_optim(cls, settings: dict) -> dict:
@@ -46,7 +48,7 @@ class SCL(Method):
 
     @property
     def views(self) -> ViewRecipe:
-        spec = ViewSpec(size=self.cfg.image_size, scale=tuple(self.cfg.crop_scale))  # SimSiam's recipe
+        spec = mocov2_view(self.cfg.image_size, self.cfg.crop_scale, self.cfg.jitter_strength)  # SimSiam's recipe
         return ViewRecipe(views=(spec, spec))
 
     def forward(self, batch):

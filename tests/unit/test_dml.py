@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from components.errors import ReprflowError
 from components.losses.msf import msf_loss
 from components.losses.nnclr import nnclr_loss
 from components.losses.scl import spectral_contrastive_loss
@@ -328,3 +329,15 @@ def test_methods_step_under_bf16_autocast(name):
     for bank in (getattr(m, "support", None), getattr(m, "bank", None)):
         if bank is not None:
             assert bank.bank.dtype == torch.float32 and int(bank.count) == 8
+
+
+@pytest.mark.parametrize("name, pick", [("scl", lambda vs: vs), ("meanshift", lambda vs: vs[1:])])
+def test_jitter_strength_scales_the_moco_v2_colour_jitter(name, pick):
+    """jitter_strength multiplies MoCo v2's (0.4, 0.4, 0.4, 0.1); hue is capped at 0.5 (a half turn)."""
+    base, strong = (pick(_tiny(name, jitter_strength=s).views.views) for s in (1.0, 2.0))
+    for b, v in zip(base, strong):
+        assert (b.brightness, b.contrast, b.saturation, b.hue) == pytest.approx((0.4, 0.4, 0.4, 0.1))
+        assert (v.brightness, v.contrast, v.saturation, v.hue) == pytest.approx((0.8, 0.8, 0.8, 0.2))
+    assert _tiny(name, jitter_strength=4.0).views.views[-1].hue == 0.4
+    with pytest.raises(ReprflowError, match="jitter_strength"):
+        _tiny(name, jitter_strength=5.0)

@@ -134,3 +134,11 @@ def test_multicrop_forward_batches_by_resolution_and_keeps_order(vit):
 def test_dino_rejects_crop_sizes_off_the_patch_grid():
     with pytest.raises(ReprflowError, match="multiples of the ViT patch_size"):
         method_config("dino", {"image_size": 16, "local_size": 10, "backbone": TINY_VIT})
+
+
+def test_dino_jitter_strength_scales_every_crop():
+    """BYOL's colour jitter (0.4, 0.4, 0.2, 0.1) x jitter_strength, on global and local crops alike."""
+    small = {"image_size": 32, "local_size": 16, "n_local": 2, "out_dim": 16, "hidden_dim": 8, "bottleneck_dim": 8}
+    for s, want in ((1.0, (0.4, 0.4, 0.2, 0.1)), (2.0, (0.8, 0.8, 0.4, 0.2))):
+        for v in build_method("dino", {**small, "jitter_strength": s}).views.views:
+            assert (v.brightness, v.contrast, v.saturation, v.hue) == pytest.approx(want)
