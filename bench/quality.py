@@ -8,6 +8,7 @@ differs. Each trained encoder is judged by weighted kNN top-1 on the val split, 
 random-init encoder. Prints a table and JSON (also written with ``--out``).
 
     python bench/quality.py --pipeline pipelines/contrastive.yaml --test      # a pipeline's methods, data, budget
+    python bench/quality.py --pipeline pipelines/contrastive.yaml --methods scl --sides ours --log-every 2 --curve   # val kNN every 2 epochs
     python bench/quality.py --pipeline pipelines/distillation.yaml --epochs 5 --sides both
     python bench/quality.py --pipeline pipelines/contrastive.yaml --methods nnclr --set methods.1.settings.temperature=0.2
     python bench/quality.py --methods simclr,nnclr,meanshift,scl --epochs 10   # the built-in small settings
@@ -289,22 +290,33 @@ def scenes_images(root: Path, train: int, val: int, size: int, decode_size: int,
     return out
 
 
-def train(method: Method, images: torch.Tensor, epochs: int, batch_size: int, seed: int, log_every: int = 0) -> tuple[float, float]:
-    """Train in a plain loop; returns (first-epoch loss, last-epoch loss)."""
+def train(method: Method, images: torch.Tensor, epochs: int, batch_size: int, seed: int, log_every: int = 0,
+          probe=None) -> tuple[float, float, list]:
+    """Train in a plain loop; returns (first-epoch loss, last-epoch loss, learning curve).
+
+    ``probe(epoch)``, when given, is called after every ``log_every``-th epoch and returns a
+    dict of figures (e.g. val kNN) that goes into the curve and the progress line.
+    """
     steps = len(images) // batch_size
     step = TrainStep(method, batch_size, steps, epochs)
     g = torch.Generator().manual_seed(seed)  # same batches and views for both sides
     method.train()
-    losses = []
+    losses, curve = [], []
     for epoch in range(epochs):
         perm, total, t0 = torch.randperm(len(images), generator=g), 0.0, time.monotonic()
         for i in range(steps):
             views = make_views(images[perm[i * batch_size : (i + 1) * batch_size]], method.views, g)
             total += step(prepare_batch(views), epoch * steps + i)["loss"]
         losses.append(total / steps)
-        if log_every and (epoch + 1) % log_every == 0:
-            print(f"  epoch {epoch + 1}/{epochs}: loss {losses[-1]:.4f} ({time.monotonic() - t0:.1f} s)", flush=True)
-    return losses[0], losses[-1]
+        if log_every and ((epoch + 1) % log_every == 0 or epoch + 1 == epochs):
+            point = {"epoch": epoch + 1, "loss": losses[-1], "seconds": time.monotonic() - t0}
+            if probe is not None:
+                point.update(probe(epoch + 1))
+                method.train()
+            curve.append(point)
+            extra = "".join(f", {k} {v:.1f}" for k, v in point.items() if k not in ("epoch", "loss", "seconds"))
+            print(f"  epoch {epoch + 1}/{epochs}: loss {losses[-1]:.4f} ({point['seconds']:.1f} s){extra}", flush=True)
+    return losses[0], losses[-1], curve
 
 
 @torch.no_grad()
@@ -334,8 +346,10 @@ def run_one(name: str, settings: dict, data: dict, args, side: str, epochs: int,
         method = LIGHTLY[name](cfg, ours.views)
         method.encoder.load_state_dict(ours.encoder.state_dict())
     t0 = time.monotonic()
-    first, last = train(method, data["train"][0], epochs, batch_size, args.seed, log_every=args.log_every)
-    return {**scores(method.encoder, cfg.image_size, data, args.knn_k), "loss_first": first, "loss_last": last, "seconds": time.monotonic() - t0}
+    probe = (lambda _epoch: {"val_knn": knn_accuracy(method.encoder, cfg.image_size, data, args.knn_k)}) if args.curve else None
+    first, last, curve = train(method, data["train"][0], epochs, batch_size, args.seed, log_every=args.log_every, probe=probe)
+    seconds = time.monotonic() - t0
+    return {**scores(method.encoder, cfg.image_size, data, args.knn_k), "loss_first": first, "loss_last": last, "seconds": seconds, "curve": curve}
 
 
 def floor_knn(name: str, settings: dict, data: dict, args) -> tuple[str, dict]:
@@ -393,7 +407,8 @@ def main() -> int:
     ap.add_argument("--knn-k", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
-    ap.add_argument("--log-every", type=int, default=0, help="print the mean loss every N epochs")
+    ap.add_argument("--log-every", type=int, default=0, help="print the mean loss every N epochs (and the last)")
+    ap.add_argument("--curve", action="store_true", help="with --log-every: also judge val kNN at those epochs (a learning curve in the JSON)")
     ap.add_argument("--data-dir", default=None, help="where the scenes shards are cached (default: a temp folder)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--quick", action="store_true", help="smoke test: 256 images, 16 px, 1 epoch, tiny heads")
