@@ -122,7 +122,7 @@ def test_perf_options_do_not_change_training(optim):
     np.testing.assert_allclose(fast_losses, base_losses, rtol=1e-5)
     # AdamW's first updates are ~lr * sign(g): a weight whose gradient is ~0 may move the other
     # way after a rounding difference (channels-last convolutions round differently: 0.24 % of the
-    # weights moved > 1e-4 on an AVX2-only CPU, < 0.2 % on AVX-512 ones). A different update rule
+    # weights moved > 1e-4 on an AVX2-only EPYC, < 0.2 % on the machine of 2026-11). A different update rule
     # would move most weights, so 1 % still tells the two apart.
     diff = torch.cat([(fast[k] - v).abs().flatten() for k, v in base.items() if v.is_floating_point()])
     assert diff.max() <= 2 * 0.01 * 3 + 1e-6 and (diff > 1e-4).float().mean() < 1e-2
