@@ -328,6 +328,18 @@ def knn_accuracy(encoder: torch.nn.Module, image_size: int, data: dict, k: int =
     return knn_top1(feats["train"], data["train"][1], feats[split], data[split][1], num_classes=int(data["train"][1].max()) + 1, k=k)
 
 
+@torch.no_grad()
+def effective_rank(encoder: torch.nn.Module, image_size: int, images: torch.Tensor) -> float:
+    """exp(entropy of the normalised singular values) of the centred embeddings (Roy & Vetterli
+    2007): how many directions the representation really uses; a collapsing method loses them."""
+    encoder.eval()
+    model = EmbeddingModel(encoder, image_size).eval()
+    feats = torch.cat([model(x) for x in images.split(256)]).double()
+    s = torch.linalg.svdvals(feats - feats.mean(0))
+    p = s / s.sum()
+    return float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum()))
+
+
 def scores(encoder: torch.nn.Module, image_size: int, data: dict, k: int) -> dict:
     """kNN top-1 on val (and on test when the data has it)."""
     out = {"knn_top1": knn_accuracy(encoder, image_size, data, k)}
@@ -346,7 +358,8 @@ def run_one(name: str, settings: dict, data: dict, args, side: str, epochs: int,
         method = LIGHTLY[name](cfg, ours.views)
         method.encoder.load_state_dict(ours.encoder.state_dict())
     t0 = time.monotonic()
-    probe = (lambda _epoch: {"val_knn": knn_accuracy(method.encoder, cfg.image_size, data, args.knn_k)}) if args.curve else None
+    probe = (lambda _epoch: {"val_knn": knn_accuracy(method.encoder, cfg.image_size, data, args.knn_k),
+                             "val_rank": effective_rank(method.encoder, cfg.image_size, data["val"][0])}) if args.curve else None
     first, last, curve = train(method, data["train"][0], epochs, batch_size, args.seed, log_every=args.log_every, probe=probe)
     seconds = time.monotonic() - t0
     return {**scores(method.encoder, cfg.image_size, data, args.knn_k), "loss_first": first, "loss_last": last, "seconds": seconds, "curve": curve}
@@ -408,7 +421,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     ap.add_argument("--log-every", type=int, default=0, help="print the mean loss every N epochs (and the last)")
-    ap.add_argument("--curve", action="store_true", help="with --log-every: also judge val kNN at those epochs (a learning curve in the JSON)")
+    ap.add_argument("--curve", action="store_true", help="with --log-every: also judge val kNN and the embeddings' effective rank at those epochs (a learning curve in the JSON)")
     ap.add_argument("--data-dir", default=None, help="where the scenes shards are cached (default: a temp folder)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--quick", action="store_true", help="smoke test: 256 images, 16 px, 1 epoch, tiny heads")
