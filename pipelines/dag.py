@@ -137,7 +137,11 @@ def load_cached(storage: Path, step: Step) -> StepResult | None:
     marker = step_dir(storage, step) / "result.json"
     if not marker.is_file():
         return None
-    result = StepResult.from_json(marker.read_text())
+    try:
+        result = StepResult.from_json(marker.read_text())
+    except (OSError, ValueError, TypeError) as exc:  # unreadable marker: run the step again
+        print(f"[dag] {step.name}: cached result unreadable ({exc}); running it again", flush=True)
+        return None
     if step.still_valid is not None and not step.still_valid(result):
         return None
     return result
@@ -170,10 +174,20 @@ class Runner:
             result.seconds = time.monotonic() - t0
             # The step may have written absolute paths of its temp folder; point them at the final one.
             text = result.to_json().replace(str(tmp), str(final))
+            # The marker goes in before the folder is published, so a reader never finds a step
+            # folder with a half-written result.json (a step thread left running after Ctrl-C
+            # finished while the next run read the cache: CI saw an empty marker).
+            (tmp / "result.json").write_text(text)
             if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            (final / "result.json").write_text(text)
+                shutil.rmtree(final, ignore_errors=True)
+            try:
+                tmp.rename(final)
+            except OSError:
+                # Another runner published the same step (same key: same settings and inputs)
+                # between the two lines above; theirs is as good as ours.
+                if not (final / "result.json").is_file():
+                    raise
+                return StepResult.from_json((final / "result.json").read_text())
             return StepResult.from_json(text)
         finally:
             if tmp.exists():

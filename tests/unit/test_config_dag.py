@@ -151,3 +151,19 @@ def test_failed_step_leaves_no_cache_and_keeps_finished_work(tmp_path):
         Runner(dag, tmp_path, None).run_all()
     dirs = sorted(p.name.split("-")[0] for p in (tmp_path / "steps").iterdir())
     assert dirs == ["ok"]  # the failed step left neither its folder nor a temp folder
+
+
+def test_unreadable_cached_result_reruns_the_step(tmp_path):
+    """A step folder whose result.json is empty or torn (a disk full, a kill mid-write on an
+    older version) is not a cache hit: the step runs again instead of the run crashing."""
+    calls: list[str] = []
+    dag = DAG()
+    dag.add(_step("a", {}, calls=calls))
+    Runner(dag, tmp_path, None).run_all()
+    (marker,) = (tmp_path / "steps").glob("a-*/result.json")
+    marker.write_text("")
+    res = Runner(dag, tmp_path, None).run_all()
+    assert calls == ["a", "a"] and Path(res["a"].outputs["file"]).read_text() == "a"
+    marker.write_text('{"outputs": {"fi')
+    Runner(dag, tmp_path, None).run_all()
+    assert calls == ["a", "a", "a"]
