@@ -73,11 +73,32 @@ def scenes_images(root: Path, train: int, val: int, size: int, decode_size: int,
         uri = str(root / f"scenes-{size}-{count}-seed{seed}" / split)
         if not Path(uri).is_dir():
             sh.write_shards(scene_rows(seed, split, count, size), uri)
-        rows = list(sh.read_rows(uri, columns=["id", "image", "label"]))
+        rows = list(sh.read_rows(uri, columns=["id", "image", "label", "captions"]))
         imgs, keep, _ = decode_batch([r["image"] for r in rows], [r["id"] for r in rows], decode_size)
         labels = torch.tensor([r["label"] for r, k in zip(rows, keep) if k])
         out[split] = (torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), labels)
+        out.setdefault("attributes", {})[split] = scene_attributes([r["captions"][0] for r, k in zip(rows, keep) if k])
     return out
+
+
+def scene_attributes(captions: list[str]) -> dict[str, torch.Tensor]:
+    """What else a scene's caption says besides its class, as integer labels per image: the class
+    shape's colour and position (3x3 grid), the background colour and whether there is a
+    distractor. kNN on these tells which cue a representation tracks (``--attributes``)."""
+    from components.data.scenes import BACKGROUNDS, COLOURS
+
+    cols, bgs = list(COLOURS), list(BACKGROUNDS)
+    found: dict[str, list[int]] = {"colour": [], "position": [], "background": [], "distractor": []}
+    positions: dict[str, int] = {}
+    for text in captions:
+        main, *rest = text.split(" and ")
+        words = main.split()  # "a large <colour> <shape> <position words...>" (+ " on a <bg> background")
+        where = " ".join(words[4:]).split(" on a ")[0]
+        found["colour"].append(cols.index(words[2]))
+        found["position"].append(positions.setdefault(where, len(positions)))
+        found["background"].append(bgs.index(text.rsplit(" on a ", 1)[1].split()[0]))
+        found["distractor"].append(int(bool(rest)))
+    return {k: torch.tensor(v) for k, v in found.items()}
 
 
 def train(method: Method, images: torch.Tensor, epochs: int, batch_size: int, seed: int, log_every: int = 0,
@@ -126,10 +147,12 @@ def effective_rank(feats: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum()))
 
 
-def judge(encoder: torch.nn.Module, image_size: int, data: dict, k: int, splits: tuple[str, ...], rank: bool = False) -> dict:
+def judge(encoder: torch.nn.Module, image_size: int, data: dict, k: int, splits: tuple[str, ...], rank: bool = False,
+          attributes: bool = False) -> dict:
     """Weighted kNN top-1 (%) of each of ``splits`` against the train split (embedded once),
     keyed ``knn_top1`` for val and ``<split>_knn_top1`` otherwise; with ``rank``, also the val
-    embeddings' effective rank."""
+    embeddings' effective rank, and with ``attributes`` also val kNN of each of
+    :func:`scene_attributes` (``val_colour``, ...)."""
     train_feats, train_labels = embed(encoder, image_size, data["train"][0]), data["train"][1]
     out = {}
     for split in splits:
@@ -138,6 +161,9 @@ def judge(encoder: torch.nn.Module, image_size: int, data: dict, k: int, splits:
         out[key] = knn_top1(train_feats, train_labels, feats, data[split][1], num_classes=int(train_labels.max()) + 1, k=k)
         if rank and split == "val":
             out["val_rank"] = effective_rank(feats)
+            for name, labels in (data["attributes"]["val"].items() if attributes else ()):
+                train_attr = data["attributes"]["train"][name]
+                out[f"val_{name}"] = knn_top1(train_feats, train_attr, feats, labels, num_classes=int(train_attr.max()) + 1, k=k)
     return out
 
 
@@ -157,8 +183,8 @@ def run_one(name: str, settings: dict, data: dict, args, side: str, epochs: int,
         method.encoder.load_state_dict(ours.encoder.state_dict())
 
     def probe(_epoch: int) -> dict:
-        point = judge(method.encoder, cfg.image_size, data, args.knn_k, ("val",), rank=True)
-        return {"val_knn": point["knn_top1"], "val_rank": point["val_rank"]}
+        point = judge(method.encoder, cfg.image_size, data, args.knn_k, ("val",), rank=True, attributes=args.attributes)
+        return {"val_knn": point.pop("knn_top1"), **point}
 
     t0 = time.monotonic()
     first, last, curve = train(method, data["train"][0], epochs, batch_size, args.seed, log_every=args.log_every, probe=probe if args.curve else None)
@@ -170,7 +196,11 @@ def floor_knn(name: str, settings: dict, data: dict, args) -> tuple[str, dict]:
     """The random-init encoder of a method's backbone (same seed), judged like a trained one."""
     cfg = method_config(name, settings)
     torch.manual_seed(args.seed)
-    return cfg.backbone.name, scores(build_backbone(cfg.backbone), cfg.image_size, data, args.knn_k)
+    encoder = build_backbone(cfg.backbone)
+    floor = scores(encoder, cfg.image_size, data, args.knn_k)
+    if args.attributes:
+        floor.update({k: v for k, v in judge(encoder, cfg.image_size, data, args.knn_k, ("val",), rank=True, attributes=True).items() if k != "knn_top1"})
+    return cfg.backbone.name, floor
 
 
 def plan(args) -> tuple[list[tuple[str, dict, int, int]], dict]:
@@ -223,6 +253,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     ap.add_argument("--log-every", type=int, default=0, help="print the mean loss every N epochs (and the last)")
     ap.add_argument("--curve", action="store_true", help="with --log-every: also judge val kNN and the embeddings' effective rank at those epochs (a learning curve in the JSON)")
+    ap.add_argument("--attributes", action="store_true", help="with --curve: also val kNN of the scenes' nuisance attributes (class shape's colour and position, background, distractor): which cue is learnt")
     ap.add_argument("--data-dir", default=None, help="where the scenes shards are cached (default: a temp folder)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--quick", action="store_true", help="smoke test: 256 images, 16 px, 1 epoch, tiny heads")
