@@ -82,7 +82,42 @@ class LightlyNNCLR(LightlyMethod):
         return {"loss": 0.5 * (self.criterion(nn0, p1) + self.criterion(nn1, p0))}
 
 
-class LightlyBYOL(LightlyMethod):
+class LightlyMomentumPair(LightlyMethod):
+    """BYOL's and MoCo v3's shared shape with lightly's momentum helpers and schedule: an online
+    encoder -> projector -> predictor, a momentum target encoder -> projector, and a symmetrised
+    ``pair_loss(prediction of one view, target of the other)``. Subclasses build the heads."""
+
+    def on_train_start(self, steps_per_epoch, total_steps):
+        """Copy the target now: run_one loads the shared initial weights after construction."""
+        from lightly.models.utils import deactivate_requires_grad
+
+        super().on_train_start(steps_per_epoch, total_steps)
+        self.target_encoder, self.target_projector = copy.deepcopy(self.encoder), copy.deepcopy(self.projector)
+        deactivate_requires_grad(self.target_encoder)
+        deactivate_requires_grad(self.target_projector)
+
+    def pair_loss(self, p, z):
+        raise NotImplementedError
+
+    def forward(self, batch):
+        x0, x1 = batch["view_0"], batch["view_1"]
+        p0 = self.predictor(self.projector(self.encoder(x0)))
+        p1 = self.predictor(self.projector(self.encoder(x1)))
+        with torch.no_grad():
+            z0 = self.target_projector(self.target_encoder(x0))
+            z1 = self.target_projector(self.target_encoder(x1))
+        return {"loss": self.pair_loss(p0, z1) + self.pair_loss(p1, z0)}
+
+    def on_step_end(self, step, total_steps):
+        from lightly.models.utils import update_momentum
+        from lightly.utils.scheduler import cosine_schedule
+
+        m = cosine_schedule(step, total_steps, self.cfg.momentum, 1.0)
+        update_momentum(self.encoder, self.target_encoder, m)
+        update_momentum(self.projector, self.target_projector, m)
+
+
+class LightlyBYOL(LightlyMomentumPair):
     """BYOL as in lightly's example: its heads, momentum helpers and negative-cosine loss."""
 
     def __init__(self, cfg, views):
@@ -94,31 +129,8 @@ class LightlyBYOL(LightlyMethod):
         self.predictor = BYOLPredictionHead(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim)
         self.criterion = NegativeCosineSimilarity()
 
-    def on_train_start(self, steps_per_epoch, total_steps):
-        """Copy the target now: run_one loads the shared initial weights after construction."""
-        from lightly.models.utils import deactivate_requires_grad
-
-        super().on_train_start(steps_per_epoch, total_steps)
-        self.target_encoder, self.target_projector = copy.deepcopy(self.encoder), copy.deepcopy(self.projector)
-        deactivate_requires_grad(self.target_encoder)
-        deactivate_requires_grad(self.target_projector)
-
-    def forward(self, batch):
-        x0, x1 = batch["view_0"], batch["view_1"]
-        p0 = self.predictor(self.projector(self.encoder(x0)))
-        p1 = self.predictor(self.projector(self.encoder(x1)))
-        with torch.no_grad():
-            z0 = self.target_projector(self.target_encoder(x0))
-            z1 = self.target_projector(self.target_encoder(x1))
-        return {"loss": 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))}
-
-    def on_step_end(self, step, total_steps):
-        from lightly.models.utils import update_momentum
-        from lightly.utils.scheduler import cosine_schedule
-
-        m = cosine_schedule(step, total_steps, self.cfg.momentum, 1.0)
-        update_momentum(self.encoder, self.target_encoder, m)
-        update_momentum(self.projector, self.target_projector, m)
+    def pair_loss(self, p, z):
+        return 0.5 * self.criterion(p, z)
 
 
 class LightlyDINO(LightlyMethod):
@@ -171,7 +183,7 @@ class LightlyDINO(LightlyMethod):
         self.steps_done = step + 1
 
 
-class LightlyMoCoV3(LightlyMethod):
+class LightlyMoCoV3(LightlyMomentumPair):
     """MoCo v3 from lightly's pieces: its MoCo head (MoCo v3's BN on every layer), BYOL's
     prediction head, momentum helpers and schedule. lightly 1.6 has no MoCo v3 loss (its NTXentLoss
     adds same-view negatives), so the loss is the paper's pseudocode: 2 tau CE(q k^T / tau)."""
@@ -185,36 +197,11 @@ class LightlyMoCoV3(LightlyMethod):
         if cfg.freeze_patch_embed:  # the paper's trick is a setting of the method, so both sides get it
             self.encoder.vit.patch_embed.requires_grad_(False)
 
-    def on_train_start(self, steps_per_epoch, total_steps):
-        """Copy the key encoder now: run_one loads the shared initial weights after construction."""
-        from lightly.models.utils import deactivate_requires_grad
-
-        super().on_train_start(steps_per_epoch, total_steps)
-        self.key_encoder, self.key_projector = copy.deepcopy(self.encoder), copy.deepcopy(self.projector)
-        deactivate_requires_grad(self.key_encoder)
-        deactivate_requires_grad(self.key_projector)
-
-    def _ctr(self, q, k):
+    def pair_loss(self, q, k):
+        """The paper's loss of one query/key view pair: 2 tau CE(q k^T / tau), the batch's keys as negatives."""
         q, k = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(k, dim=1)
         logits = q @ k.T / self.cfg.temperature
         return 2 * self.cfg.temperature * torch.nn.functional.cross_entropy(logits, torch.arange(len(q)))
-
-    def forward(self, batch):
-        x0, x1 = batch["view_0"], batch["view_1"]
-        q0 = self.predictor(self.projector(self.encoder(x0)))
-        q1 = self.predictor(self.projector(self.encoder(x1)))
-        with torch.no_grad():
-            k0 = self.key_projector(self.key_encoder(x0))
-            k1 = self.key_projector(self.key_encoder(x1))
-        return {"loss": self._ctr(q0, k1) + self._ctr(q1, k0)}
-
-    def on_step_end(self, step, total_steps):
-        from lightly.models.utils import update_momentum
-        from lightly.utils.scheduler import cosine_schedule
-
-        m = cosine_schedule(step, total_steps, self.cfg.momentum, 1.0)
-        update_momentum(self.encoder, self.key_encoder, m)
-        update_momentum(self.projector, self.key_projector, m)
 
 
 LIGHTLY = {"simclr": LightlySimCLR, "nnclr": LightlyNNCLR, "byol": LightlyBYOL, "dino": LightlyDINO, "mocov3": LightlyMoCoV3}

@@ -196,10 +196,8 @@ def floor_knn(name: str, settings: dict, data: dict, args) -> tuple[str, dict]:
     """The random-init encoder of a method's backbone (same seed), judged like a trained one."""
     cfg = method_config(name, settings)
     torch.manual_seed(args.seed)
-    encoder = build_backbone(cfg.backbone)
-    floor = scores(encoder, cfg.image_size, data, args.knn_k)
-    if args.attributes:
-        floor.update({k: v for k, v in judge(encoder, cfg.image_size, data, args.knn_k, ("val",), rank=True, attributes=True).items() if k != "knn_top1"})
+    splits = ("val", "test") if "test" in data else ("val",)
+    floor = judge(build_backbone(cfg.backbone), cfg.image_size, data, args.knn_k, splits, rank=args.attributes, attributes=args.attributes)
     return cfg.backbone.name, floor
 
 
