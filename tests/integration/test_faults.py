@@ -22,8 +22,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from bench.soak import (InThread, TcpGate, diff_records, free_port, kill_group, make_dataset, marker, pipeline_dict, records_of, release,
-                        spawn_driver, start_mlflow, wait_checkpoint_registered, wait_for_file)
+from bench.soak_harness import (InThread, TcpGate, diff_records, free_port, kill_group, make_dataset, marker, pipeline_dict, records_of, release,
+                                spawn_driver, start_mlflow, wait_checkpoint_registered, wait_for_file)
 from components.errors import ReprflowError
 from pipelines.config import parse_config
 from pipelines.run import run_pipeline
