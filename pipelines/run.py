@@ -2,7 +2,8 @@
 
     dataset[d] ──► train[m] ──► embed[m] ──► evaluate[m] ──► register[m]
         ├────────► tokenizer[t] ──► register[tokenizer-t]     (tokenizers: section; methods refer to them)
-        ├────────► embed[random:<arch>] ──► evaluate[random:<arch>]     (the floor)
+        ├────────► embed[random-init[<arch>]] ──► evaluate[random-init[<arch>]]     (the floor; and random-init-bn[<arch>]:
+        │                                                              the same weights with the train images' BN statistics)
         └────────► embed[brief] ──► evaluate[brief]      (evaluate.brief: the BRIEF baseline)
 """
 
@@ -137,11 +138,16 @@ def build_dag(cfg: PipelineConfig, resolve_model=None) -> tuple[DAG, list[str]]:
         v = dag.add(Step(f"evaluate[{spec.name}]", "evaluate", evaluate_step, {**ev_settings, "label": spec.name, "embed_step": e.name}, [eval_ds, e.name]))
         evaluations.append(v.name)
         arch = _arch_label(settings)
-        if arch not in floors:
-            label = f"random-init[{arch}]"
-            fe = dag.add(Step(f"embed[{label}]", "embed", embed_step, {"label": label, "method": spec.name, "settings": settings, "seed": cfg.seed, "train_step": None, "dataset_step": eval_ds, "decode_size": decode, "batch_size": ev.batch_size}, [eval_ds]))
-            fv = dag.add(Step(f"evaluate[{label}]", "evaluate", evaluate_step, {**ev_settings, "label": label, "embed_step": fe.name}, [eval_ds, fe.name]))
-            floors[arch] = fv.name
+        if f"random-init[{arch}]" not in floors:
+            # The random-init encoder as is, and (BatchNorm backbones) with BN statistics of the
+            # train images: what a trained encoder's weights add beyond its BN statistics.
+            for label, bn in ((f"random-init[{arch}]", False), (f"random-init-bn[{arch}]", True)):
+                if bn and str(settings.get("backbone", {}).get("name", "")).startswith("vit"):
+                    continue  # LayerNorm only: the same floor
+                fe = dag.add(Step(f"embed[{label}]", "embed", embed_step, {"label": label, "method": spec.name, "settings": settings, "seed": cfg.seed, "train_step": None,
+                                                                          "dataset_step": eval_ds, "decode_size": decode, "batch_size": ev.batch_size, **({"bn_stats": True} if bn else {})}, [eval_ds]))
+                fv = dag.add(Step(f"evaluate[{label}]", "evaluate", evaluate_step, {**ev_settings, "label": label, "embed_step": fe.name}, [eval_ds, fe.name]))
+                floors[label] = fv.name
         if cfg.registration.enabled:
             dag.add(Step(
                 f"register[{spec.name}]", "register", register_step,

@@ -20,7 +20,7 @@ from components.evaluation.knn import knn_top1
 from components.evaluation.linear import fit_linear_probe
 from components.methods.base import Upstream
 from components.methods.registry import build_method
-from components.models.embedding import EmbeddingModel
+from components.models.embedding import EmbeddingModel, estimate_bn_stats
 from pipelines.dag import StepContext, StepResult
 
 # ---------------------------------------------------------------- dataset
@@ -141,11 +141,21 @@ def text_tokenizer_step(ctx: StepContext) -> StepResult:
 # ---------------------------------------------------------------- embed
 
 
-class EncoderBuilder:
-    """Picklable recipe for the shippable encoder: a trained state, or a seeded random init."""
+BN_STATS_IMAGES = 10_000  # a floor's BatchNorm statistics come from at most this many train images
 
-    def __init__(self, method: str, settings: dict, state_path: str | None, seed: int):
+
+class EncoderBuilder:
+    """Picklable recipe for the shippable encoder: a trained state, or a seeded random init.
+
+    With ``bn_stats_files`` (train shard files) the encoder's BatchNorm statistics are estimated
+    on their first :data:`BN_STATS_IMAGES` images (decoded at ``decode_size``) before it embeds:
+    the "random-init-bn" floor, the random-init weights with the data's statistics.
+    """
+
+    def __init__(self, method: str, settings: dict, state_path: str | None, seed: int,
+                 bn_stats_files: list[str] | None = None, decode_size: int | None = None):
         self.method, self.settings, self.state_path, self.seed = method, settings, state_path, seed
+        self.bn_stats_files, self.decode_size = bn_stats_files, decode_size
 
     def __call__(self) -> EmbeddingModel:
         torch.manual_seed(self.seed)
@@ -154,7 +164,24 @@ class EncoderBuilder:
             from pipelines.train_loop import load_state
 
             m.load_state_dict(load_state(Path(self.state_path))["method"])
-        return EmbeddingModel(m.encoder, m.cfg.image_size)
+        model = EmbeddingModel(m.encoder, m.cfg.image_size)
+        if self.bn_stats_files:
+            estimate_bn_stats(model, _train_images(self.bn_stats_files, int(self.decode_size or m.cfg.image_size)))
+        return model
+
+
+def _train_images(files: list[str], decode_size: int) -> torch.Tensor:
+    """The first :data:`BN_STATS_IMAGES` decodable images of ``files`` as uint8 (N, 3, S, S)."""
+    from components.data import shards as sh
+    from components.data.decode import decode_batch
+
+    images: list[bytes] = []
+    for f in files:
+        images += [r["image"] for r in sh.read_rows(f, columns=["image"])][: BN_STATS_IMAGES - len(images)]
+        if len(images) >= BN_STATS_IMAGES:
+            break
+    arr, _, _ = decode_batch(images, list(range(len(images))), decode_size)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
 def embed_step(ctx: StepContext) -> StepResult:
@@ -165,7 +192,8 @@ def embed_step(ctx: StepContext) -> StepResult:
     s = ctx.step.settings
     data = ctx.inputs[s["dataset_step"]].outputs
     state = ctx.inputs[s["train_step"]].outputs["state"] if s.get("train_step") else None
-    build = EncoderBuilder(s["method"], s["settings"], state, s["seed"])
+    bn_files = data["files"].get("train") if s.get("bn_stats") else None
+    build = EncoderBuilder(s["method"], s["settings"], state, s["seed"], bn_files, s["decode_size"])
     outputs = embed_splits(data["files"], build, s["decode_size"], s["batch_size"], ctx.out_dir)
     artifacts = []
     if "val" in outputs:

@@ -6,12 +6,14 @@ import json
 import time
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import parse_config
-from pipelines.run import run_pipeline
+from pipelines.dag import step_dir
+from pipelines.run import build_dag, run_pipeline
 from pipelines.train_loop import load_state
 from tests.conftest import tiny_config
 
@@ -41,7 +43,8 @@ def test_mlflow_records_of_a_pipeline_run(first_run):
     parent = parents[0]
     children = {r.data.tags["mlflow.runName"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == {"dataset[scenes]", "train[simclr]", "embed[simclr]", "evaluate[simclr]", "register[simclr]",
-                             "embed[random-init[resnet18-small-16]]", "evaluate[random-init[resnet18-small-16]]"}
+                             "embed[random-init[resnet18-small-16]]", "evaluate[random-init[resnet18-small-16]]",
+                             "embed[random-init-bn[resnet18-small-16]]", "evaluate[random-init-bn[resnet18-small-16]]"}
     assert all(r.info.status == "FINISHED" for r in [parent, *children.values()])
     train = children["train[simclr]"]
     loss_hist = client.get_metric_history(train.info.run_id, "loss")
@@ -79,9 +82,14 @@ def test_results_table_written_and_floor_present(first_run):
     cfg, root, table, _ = first_run
     data = json.loads((root / "out1" / "results.json").read_text())
     labels = [r["representation"] for r in data["rows"]]
-    assert labels == ["simclr", "random-init[resnet18-small-16]"]
+    assert labels == ["simclr", "random-init[resnet18-small-16]", "random-init-bn[resnet18-small-16]"]
     md = (root / "out1" / "results.md").read_text()
     assert "| simclr |" in md and "random-init" in md
+    # The second floor: the same random-init weights with the train images' BN statistics embed differently.
+    dag = build_dag(cfg)[0]
+    bare, bn = (np.load(step_dir(cfg.storage_path(), dag.steps[f"embed[{label}[resnet18-small-16]]"]) / "embeddings-val.npz")["feats"]
+                for label in ("random-init", "random-init-bn"))
+    assert bare.shape == bn.shape and not np.allclose(bare, bn, atol=1e-3)
     assert all(0 <= r["test_knn_top1"] <= 100 for r in data["rows"])
 
 
@@ -103,7 +111,7 @@ def test_rerun_skips_finished_steps(first_run):
     client, runs = _runs(cfg)
     assert len([r for r in runs if r.data.tags.get("reprflow.kind") == "pipeline"]) == 2
     cached = [r for r in runs if r.data.tags.get("reprflow.cached") == "true"]
-    assert len(cached) == 7
+    assert len(cached) == 9  # every step: dataset, train, embed, evaluate, register, two floors x (embed, evaluate)
     assert [str(v.version) for v in client.search_model_versions("name='qs-simclr'")] == ["1"]
 
 
