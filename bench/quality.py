@@ -14,6 +14,7 @@ Prints a table and JSON (also written with ``--out``).
     python bench/quality.py --pipeline pipelines/distillation.yaml --epochs 5 --sides both
     python bench/quality.py --pipeline pipelines/contrastive.yaml --methods nnclr --set methods.1.settings.temperature=0.2
     python bench/quality.py --methods simclr,nnclr,meanshift,scl --epochs 10   # the built-in small settings
+    python bench/quality.py --pipeline pipelines/contrastive.yaml --methods simclr --supervised   # + the same backbone trained with labels
     python bench/quality.py --quick                                             # smoke test, a few minutes
 
 lightly's side is bench/lightly_methods.py. lightly 1.6 has SimCLR, NNCLR, BYOL and DINO, MoCo v3's
@@ -37,7 +38,7 @@ import torch  # noqa: E402
 from components.data import shards as sh  # noqa: E402
 from components.data.decode import decode_batch  # noqa: E402
 from components.data.scenes import scene_rows  # noqa: E402
-from components.data.views import make_views  # noqa: E402
+from components.data.views import ViewRecipe, ViewSpec, make_views  # noqa: E402
 from components.evaluation.knn import knn_top1  # noqa: E402
 from components.methods.base import Method  # noqa: E402
 from components.methods.registry import build_method, method_class, method_config  # noqa: E402
@@ -209,6 +210,40 @@ def floor_knn(name: str, settings: dict, data: dict, args) -> tuple[str, dict]:
     return cfg.backbone.name, floor
 
 
+def supervised_ceiling(name: str, settings: dict, data: dict, args, epochs: int, batch_size: int) -> dict:
+    """The same backbone trained *with labels* (cross-entropy through a linear head; crops of the
+    method's view size and scale + flips, no colour changes; SGD 0.05 one-cycle), judged like the
+    self-supervised encoders: how much of the label the views let a backbone see at this budget."""
+    import torch.nn.functional as F
+
+    cfg = method_config(name, settings)
+    torch.manual_seed(args.seed)
+    encoder = build_backbone(cfg.backbone)
+    head = torch.nn.Linear(encoder.feature_dim, int(data["train"][1].max()) + 1)
+    params = list(encoder.parameters()) + list(head.parameters())
+    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    images, labels = data["train"]
+    steps = len(images) // batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.05, total_steps=epochs * steps)
+    scale = tuple(getattr(cfg, "crop_scale", None) or getattr(cfg, "global_scale", (0.6, 1.0)))
+    recipe = ViewRecipe(views=(ViewSpec(size=cfg.image_size, scale=scale, jitter_p=0.0, gray_p=0.0, blur_p=0.0),))
+    g = torch.Generator().manual_seed(args.seed)
+    t0 = time.monotonic()
+    for epoch in range(epochs):
+        encoder.train()
+        perm = torch.randperm(len(images), generator=g)
+        for i in range(steps):
+            idx = perm[i * batch_size : (i + 1) * batch_size]
+            x = prepare_batch(make_views(images[idx], recipe, g))["view_0"]
+            loss = F.cross_entropy(head(encoder(x)), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        print(f"  supervised epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}", flush=True)
+    return {**scores(encoder, cfg.image_size, data, args.knn_k), "seconds": time.monotonic() - t0}
+
+
 def plan(args) -> tuple[list[tuple[str, dict, int, int]], dict]:
     """(name, settings, epochs, batch size) per method, and the data spec, from the flags or a pipeline file."""
     names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else []
@@ -262,6 +297,7 @@ def main() -> int:
     ap.add_argument("--attributes", action="store_true", help="with --curve: also val kNN of the scenes' nuisance attributes (class shape's colour and position, background, distractor): which cue is learnt")
     ap.add_argument("--data-dir", default=None, help="where the scenes shards are cached (default: a temp folder)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--supervised", action="store_true", help="also train each backbone with labels (same views' size and crop, same budget): the ceiling column")
     ap.add_argument("--quick", action="store_true", help="smoke test: 256 images, 16 px, 1 epoch, tiny heads")
     args = ap.parse_args()
     if args.quick:
@@ -277,6 +313,11 @@ def main() -> int:
             backbone, floor = floor_knn(name, settings, data, args)
             results["floors"].setdefault(backbone, floor)
             row: dict = {"backbone": backbone, "epochs": epochs, "batch_size": batch_size, "settings": settings}
+            if args.supervised:  # once per backbone (like the floors)
+                ceiling = results["floors"][backbone]
+                if "supervised" not in ceiling:
+                    ceiling["supervised"] = supervised_ceiling(name, settings, data, args, epochs, batch_size)
+                row["supervised"] = ceiling["supervised"]
             if args.sides in ("both", "ours"):
                 row["ours"] = run_one(name, settings, data, args, "ours", epochs, batch_size)
             if args.sides in ("both", "lightly"):
@@ -293,7 +334,7 @@ def main() -> int:
     test = spec["test"] > 0
     print(f"\nkNN top-1 (%) on scenes val{' (test)' if test else ''}, {spec['train']} training images of {spec['size']} px "
           f"decoded at {spec['decode']}; {time.monotonic() - t_start:.0f} s")
-    print(f"{'method':<10} {'backbone':<9} {'epochs':>6} {'floor':>13} {'floor+BN':>13} {'reprflow':>13} {'lightly':>13}   notes")
+    print(f"{'method':<10} {'backbone':<9} {'epochs':>6} {'floor':>13} {'floor+BN':>13} {'reprflow':>13} {'lightly':>13} {'supervised':>13}   notes")
 
     def cell(d) -> str:
         if not isinstance(d, dict):
@@ -303,7 +344,7 @@ def main() -> int:
     for name, row in results["methods"].items():
         note = next((row[s] for s in ("lightly", "ours") if isinstance(row.get(s), str)), "")
         floor = results["floors"][row["backbone"]]
-        print(f"{name:<10} {row['backbone']:<9} {row['epochs']:>6} {cell(floor)} {cell(floor.get('bn_stats'))} {cell(row.get('ours'))} {cell(row.get('lightly'))}   {note}")
+        print(f"{name:<10} {row['backbone']:<9} {row['epochs']:>6} {cell(floor)} {cell(floor.get('bn_stats'))} {cell(row.get('ours'))} {cell(row.get('lightly'))} {cell(row.get('supervised'))}   {note}")
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:
