@@ -123,7 +123,8 @@ def build_dag(cfg: PipelineConfig, resolve_model=None) -> tuple[DAG, list[str]]:
                              {"pipeline": cfg.name, "tokenizer": name, "kind": tok.kind, "tokenizer_step": step.name}, [step.name]))
             continue
         spec = next(m for m in cfg.methods if m.name == name)
-        settings = method_config(spec.name, spec.settings).model_dump(mode="json")
+        method_cfg = method_config(spec.name, spec.settings)
+        settings = method_cfg.model_dump(mode="json")
         train = cfg.method_train(spec)
         refs, inputs = references((sort, name))
         t = dag.add(Step(f"train[{spec.name}]", "train", train_step, {"method": spec.name, "settings": settings, "train": train.model_dump(), "seed": cfg.seed,
@@ -142,7 +143,7 @@ def build_dag(cfg: PipelineConfig, resolve_model=None) -> tuple[DAG, list[str]]:
             # The random-init encoder as is, and (BatchNorm backbones) with BN statistics of the
             # train images: what a trained encoder's weights add beyond its BN statistics.
             for label, bn in ((f"random-init[{arch}]", False), (f"random-init-bn[{arch}]", True)):
-                if bn and str(settings.get("backbone", {}).get("name", "")).startswith("vit"):
+                if bn and getattr(getattr(method_cfg, "backbone", None), "is_vit", False):
                     continue  # LayerNorm only: the same floor
                 fe = dag.add(Step(f"embed[{label}]", "embed", embed_step, {"label": label, "method": spec.name, "settings": settings, "seed": cfg.seed, "train_step": None,
                                                                           "dataset_step": eval_ds, "decode_size": decode, "batch_size": ev.batch_size, **({"bn_stats": True} if bn else {})}, [eval_ds]))

@@ -7,6 +7,7 @@ heavy work runs on Ray (tasks, Ray Data, a TorchTrainer). ``ctx.run`` is the
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -175,11 +176,8 @@ def _train_images(files: list[str], decode_size: int) -> torch.Tensor:
     from components.data import shards as sh
     from components.data.decode import decode_batch
 
-    images: list[bytes] = []
-    for f in files:
-        images += [r["image"] for r in sh.read_rows(f, columns=["image"])][: BN_STATS_IMAGES - len(images)]
-        if len(images) >= BN_STATS_IMAGES:
-            break
+    rows = (r["image"] for f in files for r in sh.read_rows(f, columns=["image"]))
+    images = list(itertools.islice(rows, BN_STATS_IMAGES))  # stops reading at the cap
     arr, _, _ = decode_batch(images, list(range(len(images))), decode_size)
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
