@@ -11,8 +11,7 @@ P2  model steps, bf16, against the anchor's eager steps (goal >= 1.3x): SimCLR R
     DINO ViT-S/16 2x224 + 6x96, MAE ViT-B/16 (75 % masked; goal MFU >= 35 % of the bf16 matrix
     product peak measured here). Each as ``eager`` (channels-last for the ResNet, fused
     optimizer, TF32, cuDNN autotuning, no host sync per step) and ``compiled`` (+ torch.compile).
-    MAE comes from the method registry when ``mae`` is registered, else from
-    components/methods/mae.py, else from a labelled fallback here (timm ViT + forward_masked).
+    MAE is the registry's (components/methods/mae.py).
 
 The anchor (../shared/bench/gpu_anchor.py) runs first, in its own process, so neither run
 shares the GPU or the cores with the other. Compiled variants are skipped when the time
@@ -32,7 +31,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import os
 import platform
 import shutil
@@ -150,87 +148,11 @@ def mae_settings(quick: bool) -> dict:
             "decoder_dim": 512, "decoder_depth": 8, "decoder_heads": 16}
 
 
-class FallbackMAE(nn.Module):
-    """BENCH-ONLY FALLBACK, used when no MAE method exists: MAE (He et al., 2022) from reprflow's
-    timm ViT backbone (``forward_masked``: encoder on the 25 % visible patches) + an 8 x 512
-    timm-block decoder with a mask token; MSE on the masked patches (like the anchor's lightly MAE)."""
-
-    def __init__(self, settings: dict):
-        super().__init__()
-        from timm.models.vision_transformer import Block
-
-        from components.data.views import ViewRecipe, ViewSpec
-        from components.methods.base import MethodConfig
-        from components.models.backbones import build_backbone
-        from components.optim import OptimRecipe
-
-        s = settings
-        self.cfg = MethodConfig(backbone=s["backbone"], image_size=s["image_size"],
-                                optim=OptimRecipe(name="adamw", lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup_epochs=0))
-        self.backbone = build_backbone(self.cfg.backbone)
-        self.p = self.cfg.backbone.patch_size
-        self.num = (s["image_size"] // self.p) ** 2
-        self.ratio = s.get("mask_ratio", 0.75)
-        d = s["decoder_dim"]
-        self.embed = nn.Linear(self.backbone.feature_dim, d)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.pos = nn.Parameter(torch.randn(1, 1 + self.num, d) * 0.02)
-        self.blocks = nn.Sequential(*[Block(d, s["decoder_heads"], mlp_ratio=4, qkv_bias=True) for _ in range(s["decoder_depth"])])
-        self.norm = nn.LayerNorm(d)
-        self.pred = nn.Linear(d, 3 * self.p**2)
-        self.views = ViewRecipe(views=(ViewSpec(size=s["image_size"], scale=(0.2, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0),))
-        self.optim = self.cfg.optim
-        self.encoder = self.backbone
-
-    def param_groups(self):
-        from components.optim import param_groups
-
-        return param_groups(self, self.optim)
-
-    def forward(self, batch):
-        x = batch["view_0"]
-        n, L, p = x.shape[0], self.num, self.p
-        k = max(1, int(L * (1 - self.ratio)))
-        shuffle = torch.rand(n, L, device=x.device).argsort(1)  # on the device: no host sync
-        restore = shuffle.argsort(1)
-        t = self.embed(self.backbone.forward_masked(x, shuffle[:, :k]))
-        d = t.shape[-1]
-        full = torch.cat([t[:, 1:], self.mask_token.expand(n, L - k, d).to(t.dtype)], 1).gather(1, restore[..., None].expand(-1, -1, d))
-        pred = self.pred(self.norm(self.blocks(torch.cat([t[:, :1], full], 1) + self.pos)))[:, 1:]
-        g = int(math.isqrt(L))
-        target = x.reshape(n, 3, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(n, L, p * p * 3)
-        masked = (restore >= k).float()
-        loss = (((pred.float() - target) ** 2).mean(-1) * masked).sum() / masked.sum()
-        return {"loss": loss}
-
-    def on_train_start(self, steps_per_epoch, total_steps):
-        pass
-
-    def on_after_backward(self, step):
-        pass
-
-    def on_step_end(self, step, total_steps):
-        pass
-
-
 def build_mae(quick: bool) -> tuple[nn.Module, str]:
-    """(MAE module, where it came from): the registry, the method file, or the bench fallback."""
-    from components.methods.registry import METHODS, build_method
+    """(MAE module, where it came from): ``components/methods/mae.py`` through the registry."""
+    from components.methods.registry import build_method
 
-    settings = mae_settings(quick)
-    errors = []
-    if "mae" in METHODS:
-        try:
-            return build_method("mae", settings), "registry"
-        except Exception as e:  # noqa: BLE001 - fall through, say why
-            errors.append(f"registry: {e!r}"[:200])
-    try:
-        from components.methods.mae import MAE, MAEConfig
-
-        return MAE(MAEConfig.model_validate(settings)), "components/methods/mae.py (not registered)"
-    except Exception as e:  # noqa: BLE001
-        errors.append(f"method file: {e!r}"[:200])
-    return FallbackMAE(settings), "FALLBACK in bench/gpu.py (" + "; ".join(errors) + ")"
+    return build_method("mae", mae_settings(quick)), "registry"
 
 
 # ---------------------------------------------------------------------------------------------
