@@ -16,7 +16,7 @@ and an out-of-range crop is clamped instead of retried.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,27 @@ class ViewSpec:
     # content* as a 224-px one (sigma 2 px on a 16-px view would erase the shapes).
     blur_reference_size: int = 224
     solarize_p: float = 0.0
+    # Probability of inverting the whole view (x -> 255 - x) after every other step. Colour jitter
+    # rescales luminance but keeps its order, so "the shape is darker than its background" survives
+    # every jitter; inversion flips that order and leaves the outline (see README, "Views").
+    invert_p: float = 0.0
+
+
+# ViewSpec fields a pipeline may override on every view of a method's recipe (``view_overrides``);
+# the crop's size and scale stay the method's (its ``image_size`` / ``crop_scale`` settings, and
+# multi-crop's local crops differ from its global ones on purpose).
+OVERRIDABLE = ("flip_p", "jitter_p", "brightness", "contrast", "saturation", "hue", "gray_p", "blur_p", "solarize_p", "invert_p")
+
+
+def override_views(recipe: "ViewRecipe", overrides: dict) -> "ViewRecipe":
+    """``recipe`` with ``overrides`` (ViewSpec field -> value, fields in :data:`OVERRIDABLE`)
+    set on every view; an empty dict returns it unchanged."""
+    bad = sorted(set(overrides) - set(OVERRIDABLE))
+    if bad:
+        raise ValueError(f"view_overrides: {bad} cannot be overridden; allowed: {', '.join(OVERRIDABLE)}")
+    if not overrides:
+        return recipe
+    return replace(recipe, views=tuple(replace(v, **overrides) for v in recipe.views))
 
 
 @dataclass(frozen=True)
@@ -164,6 +185,9 @@ def augment(x: torch.Tensor, spec: ViewSpec, g: torch.Generator | None = None) -
     sol = _bernoulli(n, spec.solarize_p, g)
     if sol.any():
         v = torch.where(_to(sol, dev)[:, None, None, None] & (v >= 128), 255.0 - v, v)
+    inv = _bernoulli(n, spec.invert_p, g) if spec.invert_p > 0 else None
+    if inv is not None and inv.any():
+        v = torch.where(_to(inv, dev)[:, None, None, None], 255.0 - v, v)
     return v.round_().clamp_(0, 255).to(torch.uint8)
 
 

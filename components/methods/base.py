@@ -34,9 +34,31 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from components.data.views import ViewRecipe
+from components.data.views import ViewRecipe, override_views
 from components.models.backbones import BackboneConfig
 from components.optim import OptimRecipe, param_groups
+
+
+class ViewOverrides(BaseModel):
+    """Augmentation settings set on *every* view of a method's recipe (None keeps the method's
+    own); see :class:`components.data.views.ViewSpec`. For data whose nuisances the papers'
+    recipes leave intact, e.g. ``{invert_p: 0.5}`` on the scenes (README, "Views")."""
+
+    model_config = ConfigDict(extra="forbid")
+    flip_p: float | None = Field(None, ge=0, le=1, description="horizontal flip probability")
+    jitter_p: float | None = Field(None, ge=0, le=1, description="colour jitter probability")
+    brightness: float | None = Field(None, ge=0, description="colour jitter brightness strength")
+    contrast: float | None = Field(None, ge=0, description="colour jitter contrast strength")
+    saturation: float | None = Field(None, ge=0, description="colour jitter saturation strength")
+    hue: float | None = Field(None, ge=0, le=0.5, description="colour jitter hue strength (0.5 = any hue)")
+    gray_p: float | None = Field(None, ge=0, le=1, description="grayscale probability")
+    blur_p: float | None = Field(None, ge=0, le=1, description="Gaussian blur probability")
+    solarize_p: float | None = Field(None, ge=0, le=1, description="solarisation probability (pixels >= 128 inverted)")
+    invert_p: float | None = Field(None, ge=0, le=1, description="whole-view inversion probability (x -> 255 - x)")
+
+    def as_dict(self) -> dict:
+        """The fields that are set."""
+        return self.model_dump(exclude_none=True)
 
 
 class MethodConfig(BaseModel):
@@ -46,6 +68,8 @@ class MethodConfig(BaseModel):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     optim: OptimRecipe = Field(default_factory=OptimRecipe)
     image_size: int = Field(32, ge=8, le=1024, description="side of the training views in pixels")
+    view_overrides: ViewOverrides = Field(default_factory=ViewOverrides,
+                                          description="augmentation settings set on every view of the method's recipe, e.g. {invert_p: 0.5}")
 
     @classmethod
     def paper_optim(cls, settings: dict) -> dict:
@@ -123,6 +147,18 @@ class Method(nn.Module):
     def __init__(self, cfg: MethodConfig):
         super().__init__()
         self.cfg = cfg
+
+    def __init_subclass__(cls, **kwargs):
+        # A method's ``views`` property returns its paper's recipe; the config's
+        # ``view_overrides`` are applied on top here, once, so no method has to remember to.
+        super().__init_subclass__(**kwargs)
+        prop = cls.__dict__.get("views")
+        if isinstance(prop, property) and not getattr(prop.fget, "_overridden", False):
+            def views(self, _recipe=prop.fget):
+                return override_views(_recipe(self), self.cfg.view_overrides.as_dict())
+
+            views.__doc__, views._overridden = prop.fget.__doc__, True
+            cls.views = property(views)
 
     @property
     def views(self) -> ViewRecipe:

@@ -50,6 +50,33 @@ def test_grayscale_and_solarize():
     assert (sol <= 128).all()  # every pixel >= 128 was inverted
 
 
+def test_invert_flips_every_pixel_and_keeps_the_seed_stream_when_off():
+    imgs = _images(3, 16).permute(0, 3, 1, 2).float()
+    inv = augment(imgs, ViewSpec(**{**IDENTITY.__dict__, "invert_p": 1.0}))
+    torch.testing.assert_close(inv, (255 - imgs).to(torch.uint8), atol=1, rtol=0)
+    # invert_p = 0 draws nothing: a recipe without it gives the same views as before it existed,
+    # and a recipe with it gives the same views up to the inversion of some samples.
+    spec = ViewSpec(size=12, scale=(0.5, 1.0), blur_p=0.5)
+    plain = augment(imgs, spec, torch.Generator().manual_seed(1))
+    half = augment(imgs, ViewSpec(**{**spec.__dict__, "invert_p": 0.5}), torch.Generator().manual_seed(1))
+    flipped = [i for i in range(3) if not torch.equal(plain[i], half[i])]
+    for i in flipped:
+        torch.testing.assert_close(half[i], 255 - plain[i], atol=1, rtol=0)
+
+
+def test_view_overrides_reach_every_view_of_every_method_and_bad_keys_are_refused():
+    from components.errors import ReprflowError
+    from components.methods.registry import build_method
+
+    dino = build_method("dino", {"image_size": 16, "local_size": 8, "n_local": 2, "view_overrides": {"invert_p": 0.5, "hue": 0.5}})
+    assert [(v.size, v.invert_p, v.hue) for v in dino.views.views] == [(16, 0.5, 0.5)] * 2 + [(8, 0.5, 0.5)] * 2
+    byol = build_method("byol", {"image_size": 16, "view_overrides": {"blur_p": 0.0}})
+    # only the named field changes: BYOL's asymmetric solarisation stays
+    assert [(v.blur_p, v.solarize_p, v.invert_p) for v in byol.views.views] == [(0.0, 0.0, 0.0), (0.0, 0.2, 0.0)]
+    with pytest.raises(ReprflowError, match="view_overrides"):
+        build_method("simclr", {"view_overrides": {"size": 8}})
+
+
 def test_blur_zero_sigma_is_identity_and_blur_smooths():
     x = torch.rand(2, 3, 16, 16) * 255
     torch.testing.assert_close(gaussian_blur(x, torch.zeros(2)), x)
