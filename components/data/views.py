@@ -49,7 +49,7 @@ class ViewSpec:
     solarize_p: float = 0.0
     # Probability of inverting the whole view (x -> 255 - x) after every other step. Colour jitter
     # rescales luminance but keeps its order, so "the shape is darker than its background" survives
-    # every jitter; inversion flips that order and leaves the outline (see README, "Views").
+    # every jitter; inversion flips that order and leaves the outline (README, "View overrides").
     invert_p: float = 0.0
 
 

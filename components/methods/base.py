@@ -42,7 +42,7 @@ from components.optim import OptimRecipe, param_groups
 class ViewOverrides(BaseModel):
     """Augmentation settings set on *every* view of a method's recipe (None keeps the method's
     own); see :class:`components.data.views.ViewSpec`. For data whose nuisances the papers'
-    recipes leave intact, e.g. ``{invert_p: 0.5}`` on the scenes (README, "Views")."""
+    recipes leave intact, e.g. ``{invert_p: 0.5}`` on the scenes (README, "View overrides")."""
 
     model_config = ConfigDict(extra="forbid")
     flip_p: float | None = Field(None, ge=0, le=1, description="horizontal flip probability")
