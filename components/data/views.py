@@ -55,7 +55,8 @@ class ViewSpec:
 
 # ViewSpec fields a pipeline may override on every view of a method's recipe (``view_overrides``);
 # the crop's size and scale stay the method's (its ``image_size`` / ``crop_scale`` settings, and
-# multi-crop's local crops differ from its global ones on purpose).
+# multi-crop's local crops differ from its global ones on purpose). components.methods.base.ViewOverrides
+# (the pipeline-facing config) declares the same fields with their bounds; a unit test keeps the two equal.
 OVERRIDABLE = ("flip_p", "jitter_p", "brightness", "contrast", "saturation", "hue", "gray_p", "blur_p", "solarize_p", "invert_p")
 
 

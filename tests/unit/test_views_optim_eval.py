@@ -77,6 +77,18 @@ def test_view_overrides_reach_every_view_of_every_method_and_bad_keys_are_refuse
         build_method("simclr", {"view_overrides": {"size": 8}})
 
 
+def test_view_overrides_config_and_views_name_the_same_viewspec_fields():
+    """The pipeline-facing config (ViewOverrides) and the check in override_views list the same
+    fields, in the same order, and each is a ViewSpec field: adding one to only one side fails here."""
+    import dataclasses
+
+    from components.data.views import OVERRIDABLE, ViewSpec
+    from components.methods.base import ViewOverrides
+
+    assert tuple(ViewOverrides.model_fields) == OVERRIDABLE
+    assert set(OVERRIDABLE) <= {f.name for f in dataclasses.fields(ViewSpec)} - {"size", "scale", "ratio"}
+
+
 def test_blur_zero_sigma_is_identity_and_blur_smooths():
     x = torch.rand(2, 3, 16, 16) * 255
     torch.testing.assert_close(gaussian_blur(x, torch.zeros(2)), x)
