@@ -34,6 +34,15 @@ TAG_STATE_SHA = "reprflow.state_sha256"  # the registered training state
 _EXPORT_LOCK = threading.Lock()
 
 
+def _model_requirements() -> list[str]:
+    """What loading the exported encoder needs (MLflow adds itself). Given, not inferred: MLflow's
+    inference loads the model in a subprocess (~10 s per version here, 2026-12-07) and lists
+    whatever the environment happened to import (lightly, pytorch-lightning, matplotlib ...)."""
+    import torch
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
+
+
 def model_name(pipeline: str, method: str) -> str:
     """Registered model name of a (pipeline, method) pair."""
     return f"{pipeline}-{method}"
@@ -104,7 +113,8 @@ def log_version(ctx: StepContext, *, name: str, method: str, settings: dict, sta
         with mlflow.start_run(run_id=run_id):
             if resume is None:
                 with _EXPORT_LOCK:  # torch.export is not thread-safe: concurrent register steps corrupt each other's traces
-                    info["model"] = mlflow.pytorch.log_model(model, name="model", input_example=example, serialization_format="pt2")
+                    info["model"] = mlflow.pytorch.log_model(model, name="model", input_example=example, serialization_format="pt2",
+                                                               pip_requirements=_model_requirements())
             mlflow.log_artifacts(str(ctx.out_dir / "encoder"), "encoder")
             for f in state_files:
                 mlflow.log_artifact(f, "training_state")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import time
 
 import mlflow
@@ -76,6 +77,9 @@ def test_registered_version_alias_and_model_loads(first_run):
     model = mlflow.pytorch.load_model("models:/qs-simclr@champion")
     feats = model(torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8))
     assert feats.shape == (3, 512)
+    # Its requirements are the ones it needs, pinned (given, not inferred from whatever the process imported).
+    reqs = Path(mlflow.pyfunc.get_model_dependencies("models:/qs-simclr@champion")).read_text().split()
+    assert f"torch=={torch.__version__.split('+')[0]}" in reqs and not any(r.startswith(("lightly", "pytorch-lightning")) for r in reqs)
 
 
 def test_results_table_written_and_floor_present(first_run):
