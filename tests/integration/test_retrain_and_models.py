@@ -63,7 +63,9 @@ def ops(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("ops")
     data = root / "photos"
     _make_dataset(data)
-    cfg_dict = tiny_config(root / "store", name="ops", num_workers=1)
+    # Ray Train's local mode (in-process, fits serialised): what these tests check is the registry and
+    # the retrain logic, not workers; a 1-worker TorchTrainer cost ~30 s of start-up per fit here.
+    cfg_dict = tiny_config(root / "store", name="ops", num_workers=0)
     cfg_dict["datasets"] = {"photos": {"kind": "shards", "uri": str(data)}}
     cfg_dict["train"]["dataset"] = "photos"
     cfg_dict["evaluate"]["dataset"] = "photos"
