@@ -11,6 +11,7 @@ the training instability it traces to the first layer (Sec. 4.2).
 from __future__ import annotations
 
 import torch
+from torch import nn
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from components.data.views import ViewRecipe, byol_views
@@ -37,7 +38,9 @@ class MoCoV3Config(AsymmetricViewsConfig):
     proj_hidden_dim: int = Field(4096, ge=1)
     proj_dim: int = Field(256, ge=1)
     pred_hidden_dim: int = Field(4096, ge=1)
+    pred_layers: int = Field(2, ge=0, le=3, description="predictor depth, 2 as the paper; 0: none (queries are the projections)")
     proj_layers: int | None = Field(None, ge=2, le=4, description="None: 3 for a ViT, 2 for a ResNet")
+    proj_last_bn: bool = Field(True, description="affine-free BatchNorm on the projector output, as the paper; False: none (SimCLR's head)")
     temperature: float | None = Field(None, gt=0, description="None: 0.2 for a ViT, 1.0 for a ResNet")
     momentum: float = Field(0.99, ge=0, le=1, description="base key-encoder momentum; rises to 1 along a cosine")
     freeze_patch_embed: bool = Field(False, description="ViT only: keep the random patch projection fixed (Sec. 4.2)")
@@ -77,8 +80,8 @@ class MoCoV3(Method):
         if cfg.freeze_patch_embed:
             self.encoder.vit.patch_embed.requires_grad_(False)
         # The projector ends in an affine-free BN and the predictor does not, as in the paper's code.
-        self.projector = mlp_head(self.encoder.feature_dim, cfg.proj_hidden_dim, cfg.proj_dim, layers=cfg.proj_layers, last_bn=True)
-        self.predictor = mlp_head(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, layers=2)
+        self.projector = mlp_head(self.encoder.feature_dim, cfg.proj_hidden_dim, cfg.proj_dim, layers=cfg.proj_layers, last_bn=cfg.proj_last_bn)
+        self.predictor = nn.Identity() if cfg.pred_layers == 0 else mlp_head(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, layers=cfg.pred_layers)
         self.key_encoder = frozen_copy(self.encoder)
         self.key_projector = frozen_copy(self.projector)
 

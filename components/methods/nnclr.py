@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from pydantic import Field
 
 from components.data.views import ViewRecipe, byol_views
@@ -27,7 +28,9 @@ class NNCLRConfig(AsymmetricViewsConfig):
     proj_hidden_dim: int = Field(2048, ge=1)
     proj_dim: int = Field(256, ge=1)
     proj_layers: int = Field(3, ge=1, description="the paper's projector: 3 layers, BN on every one")
+    proj_last_bn: bool = Field(True, description="affine-free BatchNorm on the projector output, as the paper; False: none (SimCLR's head)")
     pred_hidden_dim: int = Field(4096, ge=1)
+    pred_layers: int = Field(2, ge=0, le=3, description="predictor depth, 2 as the paper; 0: none (queries are the projections)")
     support_set_size: int = Field(98_304, ge=1, description="FIFO support set of past projections (paper: 98,304)")
     temperature: float = Field(0.1, gt=0)
 
@@ -46,8 +49,8 @@ class NNCLR(Method):
     def __init__(self, cfg: NNCLRConfig):
         super().__init__(cfg)
         self.encoder = build_backbone(cfg.backbone)
-        self.projector = mlp_head(self.encoder.feature_dim, cfg.proj_hidden_dim, cfg.proj_dim, layers=cfg.proj_layers, last_bn=True)
-        self.predictor = mlp_head(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim)
+        self.projector = mlp_head(self.encoder.feature_dim, cfg.proj_hidden_dim, cfg.proj_dim, layers=cfg.proj_layers, last_bn=cfg.proj_last_bn)
+        self.predictor = nn.Identity() if cfg.pred_layers == 0 else mlp_head(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, layers=cfg.pred_layers)
         self.support = MemoryBank(cfg.support_set_size, cfg.proj_dim)
         self._pending: torch.Tensor | None = None  # this step's projections, enqueued in on_step_end
 

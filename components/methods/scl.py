@@ -22,6 +22,7 @@ class SCLConfig(MethodConfig):
     proj_hidden_dim: int = Field(8192, ge=1)
     proj_dim: int = Field(8192, ge=1)
     proj_layers: int = Field(3, ge=1)
+    proj_last_bn: bool = Field(True, description="affine-free BatchNorm on the projector output, as the paper; False: none (SimCLR's head)")
     mu: float = Field(10.0, gt=0, description="embeddings clipped to norm sqrt(mu), loss divided by mu (1 on CIFAR, 10 on ImageNet)")
     crop_scale: tuple[float, float] = Field((0.2, 1.0), description="random-resized-crop area range")
     jitter_strength: float = Field(1.0, ge=0, le=4, description="multiplies MoCo v2's colour jitter (0.4, 0.4, 0.4, 0.1); "
@@ -44,7 +45,7 @@ class SCL(Method):
         self.encoder = build_backbone(cfg.backbone)
         # The authors' projector ends in BatchNorm without ReLU ("norelu"): embeddings may be
         # negative, which the squared negative term needs to reach 0.
-        self.projector = mlp_head(self.encoder.feature_dim, cfg.proj_hidden_dim, cfg.proj_dim, layers=cfg.proj_layers, last_bn=True)
+        self.projector = mlp_head(self.encoder.feature_dim, cfg.proj_hidden_dim, cfg.proj_dim, layers=cfg.proj_layers, last_bn=cfg.proj_last_bn)
 
     @property
     def views(self) -> ViewRecipe:

@@ -341,3 +341,24 @@ def test_jitter_strength_scales_the_moco_v2_colour_jitter(name, pick):
     assert _tiny(name, jitter_strength=4.0).views.views[-1].hue == 0.4
     with pytest.raises(ReprflowError, match="jitter_strength"):
         _tiny(name, jitter_strength=5.0)
+
+
+def test_projector_and_predictor_ablation_settings():
+    """``proj_last_bn: false`` drops the projector's closing BatchNorm (NNCLR, SCL, MoCo v3) and
+    ``pred_layers: 0`` drops the predictor (NNCLR, MoCo v3); the paper defaults keep both, and a
+    step still runs (bench/RESULTS.md uses them to find what keeps MoCo v3 from learning the scenes)."""
+    from torch import nn
+
+    small = {"image_size": 16, "proj_hidden_dim": 32, "proj_dim": 16}
+    for name, extra in (("nnclr", {"pred_hidden_dim": 32, "support_set_size": 64}), ("scl", {}), ("mocov3", {"pred_hidden_dim": 32})):
+        paper = build_method(name, {**small, **extra})
+        assert isinstance(paper.projector[-1], nn.BatchNorm1d)
+        ablated = build_method(name, {**small, **extra, "proj_last_bn": False, **({"pred_layers": 0} if name != "scl" else {})})
+        assert isinstance(ablated.projector[-1], nn.Linear) and ablated.projector[-1].bias is not None
+        if name != "scl":
+            assert isinstance(paper.predictor, nn.Sequential) and isinstance(ablated.predictor, nn.Identity)
+        ablated.on_train_start(2, 4)
+        batch = {k: torch.rand(4, 3, 16, 16) for k in ("view_0", "view_1")}
+        loss = ablated(batch)["loss"]
+        loss.backward()
+        assert torch.isfinite(loss) and ablated.encoder.net.conv1.weight.grad is not None
