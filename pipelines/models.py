@@ -120,17 +120,6 @@ def _list_or_empty(uri: str) -> list[str]:
         return []
 
 
-def _rows(files: list[str]) -> int:
-    import pyarrow.parquet as pq
-
-    n = 0
-    for f in files:
-        fs, path = sh.resolve(f)
-        with fs.open_input_file(path) as fh:
-            n += pq.ParquetFile(fh).metadata.num_rows
-    return n
-
-
 def _to_output_rows(batch: dict) -> "object":
     import pyarrow as pa
 
@@ -172,8 +161,8 @@ def embed_shards(client, model_uri: str, shard_uris: list[str], output: str, bat
                          batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors))
     out.map_batches(_to_output_rows, batch_format="numpy", batch_size=None).write_parquet(output)
     written = sorted(i.path for i in out_fs.get_file_info(pafs.FileSelector(out_path)) if i.path.endswith(".parquet"))
-    rows_in = _rows(files)
-    rows_out = _rows([f"{output.rstrip('/')}/{Path(p).name}" for p in written]) if written else 0
+    rows_in = sh.count_rows(files)
+    rows_out = sh.count_rows([f"{output.rstrip('/')}/{Path(p).name}" for p in written]) if written else 0
     return {"model": mv.name, "version": str(mv.version), "rows_in": rows_in, "rows_out": rows_out, "skipped": rows_in - rows_out,
             "files": len(written), "output": output}
 

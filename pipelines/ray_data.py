@@ -13,7 +13,7 @@ import ray
 import torch
 
 from components.data.decode import decode_batch
-from components.data.shards import resolve
+from components.data.shards import count_rows, resolve
 from components.data.views import ViewRecipe, views_from_encoded
 
 _calls = itertools.count()
@@ -93,15 +93,6 @@ class _Embedder:
 EMBED_TASK_ROWS = 20_000
 
 
-def _num_rows(files: list[str]) -> int:
-    n = 0
-    for f in files:
-        fs, path = resolve(f)
-        with fs.open_input_file(path) as fh:
-            n += pq.ParquetFile(fh).metadata.num_rows
-    return n
-
-
 @ray.remote(num_cpus=1)
 def _embed_in_task(files: list[str], build: Any, decode_size: int, batch_size: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The small-input path of :func:`embed_files`: the same ``_Embedder`` over each file's
@@ -132,7 +123,7 @@ def embed_files(files: list[str], build: Any, decode_size: int, batch_size: int 
     callable returning the (preprocessing + encoder) module, so the weights are loaded once per
     actor rather than shipped with every batch.
     """
-    if _num_rows(files) <= task_rows:
+    if count_rows(files) <= task_rows:
         return ray.get(_embed_in_task.remote(files, build, decode_size, batch_size))
     ds = ray.data.read_parquet(files, columns=["id", "image", "label"], include_paths=True)
     out = ds.map_batches(

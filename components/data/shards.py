@@ -278,6 +278,16 @@ def duplicate_ids(file_uris: Sequence[str]) -> list[dict[str, Any]]:
     return out
 
 
+def count_rows(files: Sequence[str]) -> int:
+    """Rows in the given shard files, from their Parquet footers (no data read)."""
+    n = 0
+    for file_uri in files:
+        fs, path = resolve(file_uri)
+        with fs.open_input_file(path) as f:
+            n += pq.ParquetFile(f).metadata.num_rows
+    return n
+
+
 def read_rows(uri: str, columns: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
     """Yield rows of every shard under ``uri`` (a folder or one file), row group by row group."""
     for file_uri in list_shards(uri):
