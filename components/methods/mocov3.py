@@ -79,7 +79,7 @@ class MoCoV3(Method):
         self.encoder = build_backbone(cfg.backbone)
         if cfg.freeze_patch_embed:
             self.encoder.vit.patch_embed.requires_grad_(False)
-        # The projector ends in an affine-free BN and the predictor does not, as in the paper's code.
+        # By default the projector ends in an affine-free BN and the predictor does not, as in the paper's code.
         self.projector = mlp_head(self.encoder.feature_dim, cfg.proj_hidden_dim, cfg.proj_dim, layers=cfg.proj_layers, last_bn=cfg.proj_last_bn)
         self.predictor = nn.Identity() if cfg.pred_layers == 0 else mlp_head(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, layers=cfg.pred_layers)
         self.key_encoder = frozen_copy(self.encoder)
