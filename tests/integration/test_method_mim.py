@@ -34,16 +34,51 @@ def _tokenizer_state(cfg, name: str) -> tuple:
     return folder, load_state(folder / "state.pt")
 
 
+def _vqvae_val_reconstruction(cfg, state) -> tuple[float, float]:
+    """Reconstruction MSE of 96 val scenes (one seeded view each) by the trained tiny VQ-VAE and by
+    untrained ones of the same settings (mean of 3 initialisations)."""
+    import numpy as np
+    import torch
+
+    from components.data.decode import decode_batch
+    from components.data.shards import read_rows
+    from components.data.views import make_views
+    from components.methods.registry import build_method
+    from components.training import prepare_batch
+
+    settings = TINY_TOKENIZERS["tiny-vqvae"]["settings"]
+    files = sorted(str(p) for p in next((cfg.storage_path() / "steps").glob("dataset_scenes_-*/data/val")).glob("*.parquet"))
+    rows = [r["image"] for f in files for r in read_rows(f, ["image"])][:96]
+    imgs = torch.from_numpy(decode_batch(rows, list(range(len(rows))), cfg.train.decode_size)[0]).permute(0, 3, 1, 2)
+
+    def recon(m) -> float:
+        with torch.no_grad():
+            batch = prepare_batch(make_views(imgs, m.views, torch.Generator().manual_seed(0)))
+            return float(m.eval()(batch)["recon_mse"])
+
+    trained = build_method("vqvae", settings)
+    trained.load_state_dict(state["method"])
+    untrained = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        untrained.append(recon(build_method("vqvae", settings)))
+    return recon(trained), float(np.mean(untrained))
+
+
 def test_tokenizers_are_trained_registered_and_reused_on_rerun(methods_run):
     cfg, _ = methods_run
     client = MlflowClient(cfg.tracking_uri())
     mtimes = {}
     for name in ("tiny-vqvae", "tiny-vqkd"):
         folder, state = _tokenizer_state(cfg, name)
-        # The VQ-VAE's reconstruction error (its commitment term may grow while codes come into use).
-        key = "recon_mse" if "recon_mse" in state["history"][0] else "loss"
-        losses = [h[key] for h in state["history"]]
-        assert losses[-1] < losses[0], (name, key, losses)
+        if name == "tiny-vqvae":
+            # Per-epoch means of 6 steps on different crops are noise at this size (a CI run: 0.859 ->
+            # 0.868 -> 0.883); the trained tokenizer's reconstruction of fixed val images is not.
+            trained, untrained = _vqvae_val_reconstruction(cfg, state)
+            assert trained < 0.9 * untrained, (trained, untrained)
+        else:  # VQ-KD's loss (its targets are the teacher's features: the same for every epoch)
+            losses = [h["loss"] for h in state["history"]]
+            assert losses[-1] < losses[0], (name, losses)
         assert state["history"][-1]["codebook_usage"] > 0.2, name  # codes stay in use (no collapse)
         assert len(client.search_model_versions(f"name='{cfg.name}-tokenizer-{name}'")) == 1
         mtimes[name] = (folder / "state.pt").stat().st_mtime
