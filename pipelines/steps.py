@@ -171,13 +171,13 @@ class EncoderBuilder:
         return model
 
 
-def _train_images(files: list[str], decode_size: int) -> torch.Tensor:
-    """The first :data:`BN_STATS_IMAGES` decodable images of ``files`` as uint8 (N, 3, S, S)."""
+def _train_images(files: list[str], decode_size: int, limit: int = BN_STATS_IMAGES) -> torch.Tensor:
+    """The decodable images among the first ``limit`` rows of ``files`` as uint8 (N, 3, S, S)."""
     from components.data import shards as sh
     from components.data.decode import decode_batch
 
     rows = (r["image"] for f in files for r in sh.read_rows(f, columns=["image"]))
-    images = list(itertools.islice(rows, BN_STATS_IMAGES))  # stops reading at the cap
+    images = list(itertools.islice(rows, limit))  # stops reading at the cap
     arr, _, _ = decode_batch(images, list(range(len(images))), decode_size)
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 

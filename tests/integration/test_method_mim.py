@@ -40,16 +40,14 @@ def _vqvae_val_reconstruction(cfg, state) -> tuple[float, float]:
     import numpy as np
     import torch
 
-    from components.data.decode import decode_batch
-    from components.data.shards import read_rows
     from components.data.views import make_views
     from components.methods.registry import build_method
     from components.training import prepare_batch
+    from pipelines.steps import _train_images
 
     settings = TINY_TOKENIZERS["tiny-vqvae"]["settings"]
     files = sorted(str(p) for p in next((cfg.storage_path() / "steps").glob("dataset_scenes_-*/data/val")).glob("*.parquet"))
-    rows = [r["image"] for f in files for r in read_rows(f, ["image"])][:96]
-    imgs = torch.from_numpy(decode_batch(rows, list(range(len(rows))), cfg.train.decode_size)[0]).permute(0, 3, 1, 2)
+    imgs = _train_images(files, cfg.train.decode_size, limit=96)
 
     def recon(m) -> float:
         with torch.no_grad():
