@@ -11,7 +11,7 @@ import math
 from typing import Iterable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 
@@ -30,6 +30,17 @@ class OptimRecipe(BaseModel):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     exclude_norm_bias: bool = Field(True, description="no weight decay (and no LARS adaptation) on norms and biases")
     layer_decay: float | None = Field(None, gt=0, le=1, description="layer-wise lr decay for ViTs")
+    lr_scales: dict[str, float] = Field(default_factory=dict,
+                                        description="lr multipliers by parameter-name prefix (a module of the method), e.g. "
+                                                    "{predictor: 10}: a faster predictor (Tian et al. 2021, DirectPred)")
+
+    @field_validator("lr_scales")
+    @classmethod
+    def _positive_scales(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: s for k, s in v.items() if not s > 0}
+        if bad:
+            raise ValueError(f"lr_scales must be > 0, got {bad}")
+        return v
 
     def base_lr(self, global_batch: int) -> float:
         """Peak learning rate for a global batch size."""
@@ -41,9 +52,13 @@ def param_groups(model: nn.Module, recipe: OptimRecipe, layer_id=None, num_layer
     """Split parameters into groups: weight decay off for norms/biases, optional layer-wise lr scale.
 
     ``layer_id(name) -> int`` maps a parameter to its depth (0 = embeddings) when
-    ``recipe.layer_decay`` is set; the group's ``lr_scale`` is ``layer_decay ** (num_layers - id)``.
+    ``recipe.layer_decay`` is set; the group's ``lr_scale`` is ``layer_decay ** (num_layers - id)``,
+    times ``recipe.lr_scales[prefix]`` for a parameter under a module named by one of its keys
+    (e.g. ``predictor`` for ``predictor.0.weight``). A key that names no trainable parameter is an
+    error: a misspelt module would otherwise be silently ignored.
     """
     groups: dict[tuple[bool, float], dict] = {}
+    used: set[str] = set()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -51,10 +66,18 @@ def param_groups(model: nn.Module, recipe: OptimRecipe, layer_id=None, num_layer
         scale = 1.0
         if recipe.layer_decay is not None and layer_id is not None:
             scale = recipe.layer_decay ** (num_layers - layer_id(name))
+        for prefix, s in recipe.lr_scales.items():
+            if name == prefix or name.startswith(prefix + "."):
+                scale *= s
+                used.add(prefix)
         key = (no_wd, scale)
         if key not in groups:
             groups[key] = {"params": [], "weight_decay": 0.0 if no_wd else recipe.weight_decay, "lr_scale": scale, "apply_wd": not no_wd}
         groups[key]["params"].append(p)
+    unused = sorted(set(recipe.lr_scales) - used)
+    if unused:
+        modules = sorted({n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad})
+        raise ValueError(f"optim.lr_scales names no trainable parameters: {unused}; this model's modules: {modules}")
     return list(groups.values())
 
 

@@ -119,6 +119,24 @@ def test_param_groups_exclude_norms_and_biases_and_lr_scaling():
     assert all(g["lr"] == pytest.approx(0.6) for g in opt.param_groups)
 
 
+def test_lr_scales_multiply_a_modules_lr_and_reject_unknown_modules():
+    model = nn.Module()
+    model.encoder = nn.Linear(4, 4)
+    model.predictor = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    recipe = OptimRecipe(name="sgd", lr=0.1, lr_scales={"predictor": 10})
+    opt = build_optimizer(param_groups(model, recipe), recipe, 0.1)
+    Schedule(opt, recipe.model_copy(update={"warmup_epochs": 0}), 0.1, total_steps=100, steps_per_epoch=10).apply(0)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert all(lr_of[id(p)] == pytest.approx(1.0) for p in model.predictor.parameters())
+    assert all(lr_of[id(p)] == pytest.approx(0.1) for p in model.encoder.parameters())
+    # weight decay still follows the parameter kind, not the module
+    assert {g["weight_decay"] for g in opt.param_groups if g["lr_scale"] == 10} == {0.0, recipe.weight_decay}
+    with pytest.raises(ValueError, match="predictr"):
+        param_groups(model, OptimRecipe(lr_scales={"predictr": 10}))
+    with pytest.raises(ValueError, match="> 0"):
+        OptimRecipe(lr_scales={"predictor": 0})
+
+
 def test_knn_matches_brute_force_and_separable_probe():
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(3, 8, generator=g) * 5
