@@ -46,7 +46,11 @@ def init_ray(cfg: PipelineConfig) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         # Ray Data starves when training workers hold every logical CPU: declare at least 4.
-        ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
+        # The dashboard stays on (127.0.0.1, 8265 or the next free port): Ray Train V2's
+        # placement-group cleaner asks the state API, served by the dashboard, whether the train
+        # controller is alive every second; without it that check fails, warns each time (~50
+        # log lines a minute) and a controller that dies ungracefully leaks its placement group.
+        ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1), log_to_driver=True)
 
 
 @dataclass

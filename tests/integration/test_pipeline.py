@@ -119,6 +119,15 @@ def test_rerun_skips_finished_steps(first_run):
     assert [str(v.version) for v in client.search_model_versions("name='qs-simclr'")] == ["1"]
 
 
+def test_local_ray_serves_the_state_api(ray_session):
+    """Ray Train V2's placement-group cleaner polls the state API each second; a local Ray
+    started by ``init_ray`` must serve it (it did not with ``include_dashboard=False``)."""
+    from ray.util.state import list_nodes
+
+    nodes = list_nodes(address=ray_session.get_runtime_context().gcs_address)
+    assert len(nodes) == 1 and nodes[0].state == "ALIVE"
+
+
 def test_resume_from_checkpoint_after_a_crash(ray_session, tmp_path, monkeypatch):
     cfg = parse_config(tiny_config(tmp_path / "store", name="resume", epochs=3, max_failures=0))
     monkeypatch.setenv("REPRFLOW_FAIL_AFTER_EPOCH", "2")
