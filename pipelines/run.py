@@ -45,12 +45,44 @@ def init_ray(cfg: PipelineConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # Ray Data starves when training workers hold every logical CPU: declare at least 4.
-        # The dashboard stays on (127.0.0.1, 8265 or the next free port): Ray Train V2's
-        # placement-group cleaner asks the state API, served by the dashboard, whether the train
-        # controller is alive every second; without it that check fails, warns each time (~50
-        # log lines a minute) and a controller that dies ungracefully leaks its placement group.
-        ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1), log_to_driver=True)
+        _init_local_ray(cfg.ray.num_cpus or max(4, os.cpu_count() or 1))  # >= 4: Ray Data starves when train workers hold every CPU
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init_local_ray(num_cpus: int) -> None:
+    """Start a local Ray whose own processes ask *its* dashboard for the state API.
+
+    Ray Train V2 runs a placement-group cleaner that asks the state API every second whether the
+    train controller is alive and removes the run's placement group (killing its workers) when
+    the answer is no. Without an address the state client guesses the cluster from the
+    machine's running Ray processes, so with a second Ray on the same machine (another run, a
+    notebook's ``ray.init()``) it asked the wrong cluster, did not find the controller, and
+    killed a healthy run's training (seen 2026-12-07; Ray's fault tolerance resumed it from the
+    last checkpoint). Without a dashboard it failed every check with a warning (~50 log lines a
+    minute). So the dashboard runs on a port chosen here, and ``RAY_API_SERVER_ADDRESS`` names
+    it while Ray starts: the raylet, and every worker it spawns, inherit it. This process's own
+    environment is restored afterwards, since that variable overrides the address given to any
+    later state or job-submission client (e.g. ``reprflow submit`` to another cluster).
+    """
+    import ray
+
+    port = _free_port()
+    saved = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True)
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = saved
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -119,13 +120,46 @@ def test_rerun_skips_finished_steps(first_run):
     assert [str(v.version) for v in client.search_model_versions("name='qs-simclr'")] == ["1"]
 
 
-def test_local_ray_serves_the_state_api(ray_session):
-    """Ray Train V2's placement-group cleaner polls the state API each second; a local Ray
-    started by ``init_ray`` must serve it (it did not with ``include_dashboard=False``)."""
-    from ray.util.state import list_nodes
+def test_state_api_inside_the_local_ray_asks_its_own_cluster(ray_session):
+    """Ray Train V2's placement-group cleaner asks the state API, from inside the cluster, every
+    second whether the train controller is alive, and kills the run's workers when it is not
+    found. A second Ray (with a dashboard) on the same machine must not be asked instead: that
+    killed a real pipeline run's training once (see ``pipelines.run._init_local_ray``)."""
+    import subprocess
+    import sys
 
-    nodes = list_nodes(address=ray_session.get_runtime_context().gcs_address)
-    assert len(nodes) == 1 and nodes[0].state == "ALIVE"
+    ray = ray_session
+
+    @ray.remote(num_cpus=0)
+    def look(actor_id: str) -> str:  # defined here: pickled by value (workers cannot import test modules)
+        from ray.util.state import get_actor
+
+        try:
+            return "alive" if (a := get_actor(actor_id, timeout=20)) and a.state == "ALIVE" else f"not found: {a}"
+        except Exception as e:  # what Train V2's placement-group cleaner would meet
+            return f"{type(e).__name__}: {e}"
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def ping(self):
+            return 1
+
+    probe = Probe.remote()
+    ray.get(probe.ping.remote())
+    actor_id = probe._actor_id.hex()
+    assert ray.get(look.remote(actor_id)) == "alive"
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import ray, sys, time; ray.init(num_cpus=1, include_dashboard=True, dashboard_host='127.0.0.1'); "
+                               "print('up', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    try:
+        assert other.stdout.readline().strip() == "up"
+        assert ray.get(look.remote(actor_id)) == "alive"
+    finally:
+        other.stdin.close()
+        other.wait(timeout=120)
+        ray.kill(probe)
 
 
 def test_resume_from_checkpoint_after_a_crash(ray_session, tmp_path, monkeypatch):
