@@ -149,7 +149,7 @@ def test_state_api_inside_the_local_ray_asks_its_own_cluster(ray_session):
     actor_id = probe._actor_id.hex()
     assert ray.get(look.remote(actor_id)) == "alive"
     other = subprocess.Popen(
-        [sys.executable, "-c", "import ray, sys, time; ray.init(num_cpus=1, include_dashboard=True, dashboard_host='127.0.0.1'); "
+        [sys.executable, "-c", "import ray, sys; ray.init(num_cpus=1, include_dashboard=True, dashboard_host='127.0.0.1'); "
                                "print('up', flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
