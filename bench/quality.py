@@ -119,18 +119,22 @@ def train(method: Method, images: torch.Tensor, epochs: int, batch_size: int, se
     method.train()
     losses, curve = [], []
     for epoch in range(epochs):
-        perm, total, t0 = torch.randperm(len(images), generator=g), 0.0, time.monotonic()
+        perm, totals, t0 = torch.randperm(len(images), generator=g), {}, time.monotonic()
         for i in range(steps):
             views = make_views(images[perm[i * batch_size : (i + 1) * batch_size]], method.views, g)
-            total += step(prepare_batch(views), epoch * steps + i)["loss"]
-        losses.append(total / steps)
+            for k, v in step(prepare_batch(views), epoch * steps + i).items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        losses.append(totals["loss"] / steps)
         if log_every and ((epoch + 1) % log_every == 0 or epoch + 1 == epochs):
             point = {"epoch": epoch + 1, "loss": losses[-1], "seconds": time.monotonic() - t0}
+            # The method's own training metrics (e.g. DINO's teacher entropy), epoch means.
+            point.update({f"train_{k}": v / steps for k, v in totals.items() if k not in ("loss", "lr")})
             if probe is not None:
                 point.update(probe(epoch + 1))
                 method.train()
             curve.append(point)
-            extra = "".join(f", {k} {v:.1f}" for k, v in point.items() if k not in ("epoch", "loss", "seconds"))
+            extra = "".join(f", {k} {v:.3g}" if k.startswith("train_") else f", {k} {v:.1f}"
+                            for k, v in point.items() if k not in ("epoch", "loss", "seconds"))
             print(f"  epoch {epoch + 1}/{epochs}: loss {losses[-1]:.4f} ({point['seconds']:.1f} s){extra}", flush=True)
     return losses[0], losses[-1], curve
 
