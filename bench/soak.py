@@ -6,6 +6,8 @@ real MLflow server; prints faults injected / survived / cleanly reported / recor
 
 Faults (one per run, in random order - each kind once before any repeats - at a random moment):
 - ``worker_kill``   SIGKILL of the Ray Train worker process mid-epoch (FailureConfig restarts it)
+- ``controller_kill`` SIGKILL of Ray Train's controller actor mid-epoch (the train step fits again
+                    from the newest checkpoint: ``train.controller_retries``)
 - ``driver_kill``   SIGKILL of a ``reprflow run`` process (mid-training, between steps or mid-
                     registration); the same command is run again
 - ``mlflow_blip``   the tracking server's port refuses connections for a few seconds mid-run
@@ -44,9 +46,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.soak_harness import (InThread, TcpGate, diff_records, kill_group, make_dataset, marker, pipeline_dict,  # noqa: E402
-                                records_of, release, spawn_driver, start_mlflow, wait_checkpoint_registered, wait_for_file)
+                                records_of, release, spawn_driver, start_mlflow, train_controllers, wait_checkpoint_registered, wait_for_file)
 
-FAULTS = ("worker_kill", "driver_kill", "mlflow_blip", "mlflow_outage", "exception", "disk", "tamper")
+FAULTS = ("worker_kill", "controller_kill", "driver_kill", "mlflow_blip", "mlflow_outage", "exception", "disk", "tamper")
 
 
 # ---------------------------------------------------------------------------- the soak
@@ -121,6 +123,19 @@ def scenario(soak: Soak, fault: str, name: str) -> tuple[str, list[str]]:
         os.kill(info["pid"], signal.SIGKILL)
         _expect_clean(job.join, errors)
         detail = f"SIGKILL worker pid {info['pid']} in epoch {epoch}"
+    elif fault == "controller_kill":
+        point = "train[simclr]:epoch2"
+        folder = soak.pause_env(name, point)
+        job = InThread(lambda: soak.run(name, num_workers=1))
+        wait_for_file(marker(folder, point), 600, job.alive)
+        wait_checkpoint_registered(soak.work / name / "store" / "ray_results", 1)
+        controllers = train_controllers()
+        if len(controllers) != 1:
+            errors.append(f"UNCLEAN: expected one Ray Train controller process, found {len(controllers)}")
+        for p in controllers:
+            p.kill()
+        _expect_clean(job.join, errors)
+        detail = f"SIGKILL controller pid {', '.join(str(p.pid) for p in controllers)} in epoch 2"
     elif fault == "driver_kill":
         point = rng.choice(["train[simclr]:epoch2", "before:embed[simclr]", "before:register[simclr]", "register[simclr]:version-created"])
         folder = soak.work / name / "faults"

@@ -191,6 +191,20 @@ def wait_checkpoint_registered(ray_results: Path, epoch: int, timeout: float = 1
     raise TimeoutError(f"no registered checkpoint of epoch {epoch} under {ray_results} within {timeout:.0f}s")
 
 
+def train_controllers() -> list:
+    """The live processes (psutil) of Ray Train controller actors: Ray titles them ``ray::TrainController...``."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "TrainController" in " ".join(p.info["cmdline"] or []):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
 def marker(fault_dir: Path, point: str, suffix: str = ".paused") -> Path:
     """The file :func:`pipelines.dag.fault_point` writes (``.paused``) or waits for (``.release``)."""
     return fault_dir / ("".join(c if c.isalnum() or c in "-_." else "_" for c in point) + suffix)

@@ -59,6 +59,8 @@ class TrainSpec(_Strict):
                                         "the rows of this many per-worker batches before batching (0 = stream order, the "
                                         "same images share a batch every epoch)")
     max_failures: int = Field(2, ge=0, description="worker-group restarts before the step fails")
+    controller_retries: int = Field(1, ge=0, description="new fits (from the newest checkpoint) after Ray Train's controller "
+                                    "fails or dies, which Ray Train itself does not retry")
     checkpoint_every_epochs: int = Field(1, ge=1)
 
 

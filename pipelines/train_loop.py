@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -277,6 +278,46 @@ def latest_local_checkpoint(run_dir: Path) -> Path | None:
     return best
 
 
+def _fit_with_controller_retries(config: dict, ds, train, ray_results: Path, name: str):
+    """``TorchTrainer.fit()``, started again from the newest checkpoint when the controller fails.
+
+    Ray Train restarts a failed *worker group* itself (``max_failures``), but a failure of its
+    controller actor - its process killed, or an error Ray Train classes as not retryable, such
+    as its placement group removed while workers start (seen 2026-12-07) - ends ``fit()``. The
+    checkpoints are on disk, so up to ``train.controller_retries`` new fits resume from the
+    newest one, as after a driver crash. Errors of the training code itself (``WorkerGroupError``
+    once ``max_failures`` is spent) are not retried here.
+    """
+    from ray.exceptions import RayActorError
+    from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    for attempt in range(train.controller_retries + 1):
+        resume = latest_local_checkpoint(ray_results / name)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={**config, "resume_path": str(resume) if resume else None},
+            scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker={"CPU": train.cpus_per_worker}),
+            run_config=RunConfig(
+                name=name,
+                storage_path=str(ray_results),
+                failure_config=FailureConfig(max_failures=train.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+            ),
+            datasets={"train": ds},
+        )
+        try:
+            return trainer.fit()
+        except (ControllerError, RayActorError) as exc:
+            if attempt == train.controller_retries:
+                raise
+            newest = latest_local_checkpoint(ray_results / name)
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            print(f"[train {config['method']}] Ray Train's controller failed ({type(exc).__name__}: {first}); "
+                  f"new fit {attempt + 2} of {train.controller_retries + 1} from {newest.name if newest else 'the start'}",
+                  file=sys.stderr, flush=True)
+
+
 def run_trainer(*, key: str, method: str, settings: dict, train, rows: int, files: list[str], storage: Path, seed: int, views, out_dir: Path,
                 warm_start: str | Path | None = None, resources: dict[str, dict] | None = None) -> dict:
     """Fit a TorchTrainer for one method and copy its final state into ``out_dir``.
@@ -287,9 +328,6 @@ def run_trainer(*, key: str, method: str, settings: dict, train, rows: int, file
     epoch counter and schedule restarted (retraining from a champion). ``resources`` are the
     method's references as ``Upstream`` fields (see ``Method.attach``).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from pipelines.ray_data import views_dataset
 
     # Checked here, with one clear error, not in workers that Ray would restart max_failures times.
@@ -304,7 +342,6 @@ def run_trainer(*, key: str, method: str, settings: dict, train, rows: int, file
     check_checkpoint_storage(ray_results, 4 * checkpoint_bytes(probe))
     check_checkpoint_storage(out_dir, checkpoint_bytes(probe))
     del probe
-    resume = latest_local_checkpoint(ray_results / name)
     threads = train.threads_per_worker or max(1, (os.cpu_count() or 2) // max(1, train.num_workers))
     fail_after = os.environ.get("REPRFLOW_FAIL_AFTER_EPOCH")
     config = {
@@ -313,29 +350,16 @@ def run_trainer(*, key: str, method: str, settings: dict, train, rows: int, file
         "shuffle_buffer_batches": train.shuffle_buffer_batches,
         "checkpoint_every": train.checkpoint_every_epochs,
         "local_checkpoint_dir": str(ray_results / name) if train.num_workers == 0 else None,
-        "resume_path": str(resume) if resume else None,
         "warm_start_path": str(warm_start) if warm_start else None,
         "fail_after_epoch": int(fail_after) if fail_after else None,
         "fault": fault_settings(),
         "resources": resources or {},
     }
     ds = views_dataset(files, views, train.decode_size, train.data_batch_size, seed, shuffle=train.shuffle_buffer_batches > 0)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker={"CPU": train.cpus_per_worker}),
-        run_config=RunConfig(
-            name=name,
-            storage_path=str(ray_results),
-            failure_config=FailureConfig(max_failures=train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-        datasets={"train": ds},
-    )
     lock = _LOCAL_MODE_LOCK if train.num_workers == 0 else _SLOTS.hold(train.num_workers * train.cpus_per_worker, threads=train.num_workers * threads,
                                                                        cores=_single_machine_cores())
     with lock:
-        result = trainer.fit()
+        result = _fit_with_controller_retries(config, ds, train, ray_results, name)
     final = None
     if result.checkpoint is not None:
         final = Path(result.checkpoint.to_directory()) / STATE_FILE

@@ -23,7 +23,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from bench.soak_harness import (InThread, TcpGate, diff_records, free_port, kill_group, make_dataset, marker, pipeline_dict, records_of, release,
-                                spawn_driver, start_mlflow, wait_checkpoint_registered, wait_for_file)
+                                spawn_driver, start_mlflow, train_controllers, wait_checkpoint_registered, wait_for_file)
 from components.errors import ReprflowError
 from pipelines.config import parse_config
 from pipelines.run import run_pipeline
@@ -138,6 +138,34 @@ def test_worker_sigkill_mid_epoch_resumes_and_survives_an_mlflow_blip(env, refer
     _, runs = _runs(env, "fault-worker")
     assert len([r for r in runs if r.data.tags.get("reprflow.kind") == "pipeline"]) == 1
     assert diff_records(reference, records_of(env.direct, "fault-worker")) == []
+
+
+def test_train_controller_sigkill_mid_epoch_the_step_fits_again_from_its_checkpoint(env, reference, tmp_path, monkeypatch, capsys):
+    # Ray Train restarts workers, not its controller: a dead controller ends fit() with an actor
+    # error, and the train step starts one new fit from the newest checkpoint (train.controller_retries).
+    cfg = parse_config(pipeline_dict(tmp_path / "store", "fault-controller", env.data, env.gate.url, num_workers=1))
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    monkeypatch.setenv(FAULT_DIR, str(faults))
+    monkeypatch.setenv(PAUSE_AT, "train[simclr]:epoch2")
+    job = InThread(lambda: run_pipeline(cfg, tmp_path / "out"))
+    info = wait_for_file(marker(faults, "train[simclr]:epoch2"), 300, job.alive)
+    assert info["last_checkpoint_epoch"] == 1
+    wait_checkpoint_registered(cfg.storage_path() / "ray_results", 1)
+    controllers = train_controllers()
+    assert len(controllers) == 1, controllers
+    controllers[0].kill()
+    job.join()
+    assert "Ray Train's controller failed" in capsys.readouterr().err
+
+    state = load_state(next((cfg.storage_path() / "steps").glob("train_simclr_-*/state.pt")))
+    assert [h["resumed_from_epoch"] for h in state["history"]] == [0, 1]  # epoch 1 not redone
+    steps = [h["step"] for h in state["history"]]
+    assert steps[1] == 2 * steps[0] > 0
+    _, runs = _runs(env, "fault-controller")
+    train_runs = [r for r in runs if r.data.tags.get("mlflow.runName") == "train[simclr]"]
+    assert len(train_runs) == 1 and train_runs[0].info.status == "FINISHED"  # one step, fitted twice
+    assert diff_records(reference, records_of(env.direct, "fault-controller")) == []
 
 
 def test_driver_sigkill_then_mlflow_down_at_registration(env, reference, tmp_path, monkeypatch):
