@@ -323,7 +323,8 @@ def run_trainer(*, key: str, method: str, settings: dict, train, rows: int, file
     """Fit a TorchTrainer for one method and copy its final state into ``out_dir``.
 
     Returns ``{"history": [...], "state": path}``. Resumes from the newest checkpoint of a
-    previous attempt of the same key (driver crash) or of this fit (worker crash); otherwise
+    previous attempt of the same key (driver crash), of this fit (worker crash) or of this
+    step's previous fit (controller failure, ``train.controller_retries``); otherwise
     ``warm_start`` (a ``state.pt``) gives the starting weights and optimizer state, with the
     epoch counter and schedule restarted (retraining from a champion). ``resources`` are the
     method's references as ``Upstream`` fields (see ``Method.attach``).
