@@ -30,6 +30,8 @@ class DINOConfig(MethodConfig):
     bottleneck_dim: int = Field(256, ge=1)
     head_layers: int = Field(3, ge=1)
     head_batch_norm: bool = Field(False, description="BN in the head's MLP (the paper's use_bn_in_head)")
+    norm_last_layer: bool = Field(True, description="keep the last layer's rows unit vectors (the paper's default); "
+                                                    "False trains their norms, unbounding the logits")
     n_local: int = Field(6, ge=0, le=16, description="local crops per image (paper: 6-10)")
     local_size: int | None = Field(None, ge=4, validate_default=True, description="side of the local crops; None: half of image_size (paper: 96 for 224)")
     global_scale: tuple[float, float] = Field((0.4, 1.0))
@@ -73,7 +75,8 @@ class DINO(Method):
     def __init__(self, cfg: DINOConfig):
         super().__init__(cfg)
         self.student = build_backbone(cfg.backbone)
-        self.student_head = DINOHead(self.student.feature_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers, cfg.head_batch_norm)
+        self.student_head = DINOHead(self.student.feature_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers, cfg.head_batch_norm,
+                                     cfg.norm_last_layer)
         self.teacher = frozen_copy(self.student)
         self.teacher_head = frozen_copy(self.student_head)
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))
@@ -122,6 +125,8 @@ class DINO(Method):
         """Cancel the last layer's update during the first epoch(s): the paper's stabiliser."""
         if step < self.cfg.freeze_last_layer_epochs * self._steps_per_epoch():
             self.student_head.last_layer.weight.grad = None
+            if self.student_head.last_layer_g is not None:
+                self.student_head.last_layer_g.grad = None
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Move the teacher towards the student with the cosine-scheduled momentum."""

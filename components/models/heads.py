@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -34,9 +35,15 @@ class DINOHead(nn.Module):
     paper's ``norm_last_layer``), written out so the weight stays a plain parameter (no
     parametrisation in ``state_dict``/``deepcopy``). ``last_layer.weight`` is what DINO freezes
     during the first epoch.
+
+    ``norm_last_layer=False`` is the paper code's other setting: the rows' norms ``g`` (one per
+    output, initialised to 1, parameter ``last_layer_g``) are trained, so the logits are no longer
+    bounded by ``1/temperature`` (better for ViT-S/16 in the paper, less stable). Being 1-D, ``g``
+    falls in the no-weight-decay group of ``components.optim``.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, layers: int = 3, batch_norm: bool = False):
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, layers: int = 3, batch_norm: bool = False,
+                 norm_last_layer: bool = True):
         super().__init__()
         mods: list[nn.Module] = []
         dim = in_dim
@@ -54,7 +61,11 @@ class DINOHead(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        self.last_layer_g = None if norm_last_layer else nn.Parameter(torch.ones(out_dim))
 
     def forward(self, x):
         x = F.normalize(self.mlp(x), dim=-1)
-        return F.linear(x, F.normalize(self.last_layer.weight, dim=1))
+        w = F.normalize(self.last_layer.weight, dim=1)
+        if self.last_layer_g is not None:
+            w = w * self.last_layer_g[:, None]
+        return F.linear(x, w)

@@ -101,6 +101,35 @@ def test_dino_head_is_weight_normed_with_unit_gain():
     torch.testing.assert_close(head(x), before)
 
 
+def test_dino_head_without_norm_last_layer_trains_the_gains_and_dino_freezes_them_first():
+    torch.manual_seed(0)
+    head = DINOHead(16, 40, hidden_dim=24, bottleneck_dim=8, layers=3, norm_last_layer=False)
+    x = torch.randn(5, 16)
+    ref = nn.utils.parametrizations.weight_norm(nn.Linear(8, 40, bias=False))
+    g = torch.rand(40) + 0.5
+    with torch.no_grad():
+        head.last_layer_g.copy_(g)
+        ref.parametrizations.weight.original1.copy_(head.last_layer.weight)
+        ref.parametrizations.weight.original0.copy_(g[:, None])
+        want = ref(nn.functional.normalize(head.mlp(x), dim=-1))
+    torch.testing.assert_close(head(x), want)
+    head(x).sum().backward()
+    assert head.last_layer_g.grad is not None and head.last_layer_g.grad.abs().sum() > 0
+    assert DINOHead(16, 40, hidden_dim=24, bottleneck_dim=8).last_layer_g is None  # the default keeps unit rows
+    # Through the method: both halves of the last layer get no update in the freeze window.
+    m = build_method("dino", {"image_size": 16, "local_size": 8, "n_local": 0, "out_dim": 16, "hidden_dim": 8, "bottleneck_dim": 8,
+                              "backbone": TINY_VIT, "norm_last_layer": False, "freeze_last_layer_epochs": 1})
+    m.on_train_start(4, 8)
+    for p in (m.student_head.last_layer.weight, m.student_head.last_layer_g):
+        p.grad = torch.ones_like(p)
+    m.on_after_backward(3)
+    assert m.student_head.last_layer.weight.grad is None and m.student_head.last_layer_g.grad is None
+    for p in (m.student_head.last_layer.weight, m.student_head.last_layer_g):
+        p.grad = torch.ones_like(p)
+    m.on_after_backward(4)
+    assert m.student_head.last_layer_g.grad is not None
+
+
 def test_multicrop_recipe_view_shapes():
     m = build_method("dino", {"image_size": 32, "local_size": 16, "n_local": 4, "out_dim": 16, "hidden_dim": 8, "bottleneck_dim": 8})
     recipe = m.views
