@@ -109,18 +109,32 @@ def test_bad_rows_are_reported_in_mlflow_and_the_run_continues(env, reference):
     assert ds.data.metrics["bad_rows"] == 5 and ds.data.metrics["skipped_rows"] == 2 and ds.data.metrics["rows_train"] == 96
 
 
-def test_worker_sigkill_mid_epoch_resumes_and_survives_an_mlflow_blip(env, reference, tmp_path, monkeypatch, capsys):
-    cfg = parse_config(pipeline_dict(tmp_path / "store", "fault-worker", env.data, env.gate.url, num_workers=1))
+def _paused_after_epoch1(cfg, tmp_path, monkeypatch, pause_at: str = "train[simclr]:epoch2"):
+    """Start ``run_pipeline`` in a thread, paused at the start of simclr's epoch 2 with epoch 1's
+    checkpoint recorded by the controller; returns ``(job, faults dir, pause info)``."""
     faults = tmp_path / "faults"
     faults.mkdir()
     monkeypatch.setenv(FAULT_DIR, str(faults))
-    monkeypatch.setenv(PAUSE_AT, "train[simclr]:epoch2,before:embed[simclr]")
+    monkeypatch.setenv(PAUSE_AT, pause_at)
     job = InThread(lambda: run_pipeline(cfg, tmp_path / "out"))
     info = wait_for_file(marker(faults, "train[simclr]:epoch2"), 300, job.alive)
-    worker = psutil.Process(info["pid"])
-    assert info["pid"] != os.getpid() and "RayTrainWorker" in " ".join(worker.cmdline()) + worker.name()
     assert info["last_checkpoint_epoch"] == 1  # epoch 1's checkpoint was reported before the pause
     wait_checkpoint_registered(cfg.storage_path() / "ray_results", 1)  # ... and recorded by the controller
+    return job, faults, info
+
+
+def _assert_resumed_after_epoch1(cfg) -> None:
+    state = load_state(next((cfg.storage_path() / "steps").glob("train_simclr_-*/state.pt")))
+    assert [h["resumed_from_epoch"] for h in state["history"]] == [0, 1]  # epoch 1 not redone
+    steps = [h["step"] for h in state["history"]]
+    assert steps[1] == 2 * steps[0] > 0  # the step counter continued from the checkpoint
+
+
+def test_worker_sigkill_mid_epoch_resumes_and_survives_an_mlflow_blip(env, reference, tmp_path, monkeypatch, capsys):
+    cfg = parse_config(pipeline_dict(tmp_path / "store", "fault-worker", env.data, env.gate.url, num_workers=1))
+    job, faults, info = _paused_after_epoch1(cfg, tmp_path, monkeypatch, "train[simclr]:epoch2,before:embed[simclr]")
+    worker = psutil.Process(info["pid"])
+    assert info["pid"] != os.getpid() and "RayTrainWorker" in " ".join(worker.cmdline()) + worker.name()
     os.kill(info["pid"], signal.SIGKILL)
     # Later, between steps, the tracking server's port refuses connections for 2 s.
     wait_for_file(marker(faults, "before:embed[simclr]"), 300, job.alive)
@@ -131,10 +145,7 @@ def test_worker_sigkill_mid_epoch_resumes_and_survives_an_mlflow_blip(env, refer
     job.join()
     assert "unreachable while calling create_run" in capsys.readouterr().err  # the retry was announced
 
-    state = load_state(next((cfg.storage_path() / "steps").glob("train_simclr_-*/state.pt")))
-    assert [h["resumed_from_epoch"] for h in state["history"]] == [0, 1]  # epoch 1 not redone
-    steps = [h["step"] for h in state["history"]]
-    assert steps[1] == 2 * steps[0] > 0  # the step counter continued from the checkpoint
+    _assert_resumed_after_epoch1(cfg)
     _, runs = _runs(env, "fault-worker")
     assert len([r for r in runs if r.data.tags.get("reprflow.kind") == "pipeline"]) == 1
     assert diff_records(reference, records_of(env.direct, "fault-worker")) == []
@@ -144,24 +155,14 @@ def test_train_controller_sigkill_mid_epoch_the_step_fits_again_from_its_checkpo
     # Ray Train restarts workers, not its controller: a dead controller ends fit() with an actor
     # error, and the train step starts one new fit from the newest checkpoint (train.controller_retries).
     cfg = parse_config(pipeline_dict(tmp_path / "store", "fault-controller", env.data, env.gate.url, num_workers=1))
-    faults = tmp_path / "faults"
-    faults.mkdir()
-    monkeypatch.setenv(FAULT_DIR, str(faults))
-    monkeypatch.setenv(PAUSE_AT, "train[simclr]:epoch2")
-    job = InThread(lambda: run_pipeline(cfg, tmp_path / "out"))
-    info = wait_for_file(marker(faults, "train[simclr]:epoch2"), 300, job.alive)
-    assert info["last_checkpoint_epoch"] == 1
-    wait_checkpoint_registered(cfg.storage_path() / "ray_results", 1)
+    job, _, _ = _paused_after_epoch1(cfg, tmp_path, monkeypatch)
     controllers = train_controllers()
     assert len(controllers) == 1, controllers
     controllers[0].kill()
     job.join()
     assert "Ray Train's controller failed" in capsys.readouterr().err
 
-    state = load_state(next((cfg.storage_path() / "steps").glob("train_simclr_-*/state.pt")))
-    assert [h["resumed_from_epoch"] for h in state["history"]] == [0, 1]  # epoch 1 not redone
-    steps = [h["step"] for h in state["history"]]
-    assert steps[1] == 2 * steps[0] > 0
+    _assert_resumed_after_epoch1(cfg)
     _, runs = _runs(env, "fault-controller")
     train_runs = [r for r in runs if r.data.tags.get("mlflow.runName") == "train[simclr]"]
     assert len(train_runs) == 1 and train_runs[0].info.status == "FINISHED"  # one step, fitted twice
