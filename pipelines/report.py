@@ -15,12 +15,45 @@ VL_COLUMNS = ("val_itm_acc", "test_itm_acc", "test_itm_acc_hard", "test_i2t_r1",
               "test_ground_position_image", "test_ground_position_swapped")
 
 
+def arch_label(settings: dict) -> str:
+    """The random-init floor's label: one floor per distinct backbone (ViT dims included)."""
+    b = settings.get("backbone", {})
+    parts = [b.get("name", "?"), b.get("stem", "") if not str(b.get("name", "")).startswith("vit") else "", settings.get("image_size", "")]
+    if str(b.get("name", "")).startswith("vit"):
+        parts += [f"p{b.get('patch_size')}", f"d{b.get('embed_dim')}x{b.get('depth')}"] if b.get("embed_dim") else [f"p{b.get('patch_size')}"]
+    return "-".join(str(x) for x in parts if x not in ("", None, "pNone"))
+
+
+FLOOR_PREFIXES = ("random-init", "random-init-bn")
+
+
+def floor_margins(rows: list[dict[str, Any]], arch_of: dict[str, str], metric: str = "val_knn_top1") -> None:
+    """Set ``<metric>_vs_floor`` on every trained row: its ``metric`` minus the *stronger* of its
+    backbone's random-init floors (bare, and with the train images' BN statistics), in points.
+
+    ``arch_of`` maps a row's representation to its backbone label (:func:`arch_label`); rows
+    without one, or whose floors are not in ``rows``, get None. This is the number the issues'
+    "beats the random-init encoder by N points" reads, printed beside the floors it came from."""
+    value = {r["representation"]: r.get(metric) for r in rows}
+    for row in rows:
+        arch = arch_of.get(row["representation"])
+        floors = [value.get(f"{p}[{arch}]") for p in FLOOR_PREFIXES] if arch else []
+        floors = [f for f in floors if isinstance(f, (int, float))]
+        mine = row.get(metric)
+        row[f"{metric}_vs_floor"] = mine - max(floors) if floors and isinstance(mine, (int, float)) else None
+
+
 def comparison_table(cfg, dag, results, tracker, table_steps: list[str]) -> dict[str, Any]:
-    """``{"pipeline", "selection_metric", "rows": [{representation, metrics..., run ids, registry}]}``."""
-    rows = []
+    """``{"pipeline", "selection_metric", "rows": [{representation, metrics..., run ids, registry}]}``.
+
+    Each trained representation's row also carries ``val_knn_top1_vs_floor`` (:func:`floor_margins`)."""
+    rows, arch_of = [], {}
     for name in table_steps:
         res = results[name]
         label = res.outputs["label"]
+        embed = dag.steps.get(dag.steps[name].settings.get("embed_step", ""))
+        if embed is not None and embed.settings.get("train_step") and isinstance(embed.settings.get("settings"), dict):
+            arch_of[label] = arch_label(embed.settings["settings"])
         row: dict[str, Any] = {"representation": label, **{c: res.outputs["metrics"].get(c) for c in COLUMNS}}
         row.update({c: res.outputs["metrics"][c] for c in VL_COLUMNS if c in res.outputs["metrics"]})
         row["evaluate_run_id"] = tracker.child_ids.get(name)
@@ -34,10 +67,13 @@ def comparison_table(cfg, dag, results, tracker, table_steps: list[str]) -> dict
             row["registered"] = f"{reg.outputs['name']}/{reg.outputs['version']}"
             row["promoted"] = reg.outputs["promoted"]
         rows.append(row)
+    floor_margins(rows, arch_of)
     return {"pipeline": cfg.name, "selection_metric": cfg.evaluate.selection_metric, "eval_dataset": cfg.evaluate.dataset, "rows": rows}
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: Any, signed: bool = False) -> str:
+    if signed and isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v):
+        return f"{v:+.1f}"
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     if isinstance(v, bool):
@@ -49,15 +85,18 @@ def _fmt(v: Any) -> str:
 
 def to_markdown(table: dict[str, Any]) -> str:
     """The table as Markdown (also what the CLI prints)."""
-    cols = ["representation", *COLUMNS, "registered", "promoted"]
+    margin = "val_knn_top1_vs_floor"
+    cols = ["representation", *COLUMNS, *([margin] if any(r.get(margin) is not None for r in table["rows"]) else []), "registered", "promoted"]
     lines = [
         f"# {table['pipeline']}: comparison (eval dataset '{table['eval_dataset']}', top-1 %, selection on val {table['selection_metric']})",
         "",
+        *([f"{margin}: val kNN minus the stronger random-init floor of the same backbone (bare, or with the train images' BN statistics), points.", ""]
+          if margin in cols else []),
         "| " + " | ".join(cols) + " |",
         "|" + "|".join("---" for _ in cols) + "|",
     ]
     for row in table["rows"]:
-        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
+        lines.append("| " + " | ".join(_fmt(row.get(c), signed=c == margin) for c in cols) + " |")
     vl_rows = [row for row in table["rows"] if any(c in row for c in VL_COLUMNS)]
     if vl_rows:
         lines += ["", "Vision-language (held-out image-caption pairs, %): ITM accuracy (half of the negatives hard), retrieval Recall@K "
@@ -77,7 +116,7 @@ def write_report(table: dict[str, Any], output: Path, tracker, parent_run_id: st
     metrics = {}
     for row in table["rows"]:
         key = "".join(c if c.isalnum() or c in "-_." else "_" for c in row["representation"])
-        for c in (*COLUMNS, *VL_COLUMNS):
+        for c in (*COLUMNS, "val_knn_top1_vs_floor", *VL_COLUMNS):
             if isinstance(row.get(c), (int, float)) and not isinstance(row.get(c), bool):
                 metrics[f"{key}.{c}"] = row[c]
     tracker.log_metrics(parent_run_id, metrics)

@@ -25,7 +25,7 @@ from pipelines.brief_step import add_brief_steps
 from pipelines.config import MethodSpec, PipelineConfig, reference_graph, references_of
 from pipelines.dag import DAG, Runner, Step, StepResult
 from pipelines.register_step import register_step, register_tokenizer_step, registered_version_exists
-from pipelines.report import comparison_table, write_report
+from pipelines.report import arch_label, comparison_table, write_report
 from pipelines.steps import dataset_step, embed_step, evaluate_step, text_tokenizer_step, train_step
 from pipelines.tracking import Tracker, code_version
 
@@ -174,7 +174,7 @@ def build_dag(cfg: PipelineConfig, resolve_model=None) -> tuple[DAG, list[str]]:
         e = dag.add(Step(f"embed[{spec.name}]", "embed", embed_step, {"label": spec.name, "method": spec.name, "settings": settings, "seed": cfg.seed, "train_step": t.name, "dataset_step": eval_ds, "decode_size": decode, "batch_size": ev.batch_size}, [eval_ds, t.name]))
         v = dag.add(Step(f"evaluate[{spec.name}]", "evaluate", evaluate_step, {**ev_settings, "label": spec.name, "embed_step": e.name}, [eval_ds, e.name]))
         evaluations.append(v.name)
-        arch = _arch_label(settings)
+        arch = arch_label(settings)
         if f"random-init[{arch}]" not in floors:
             # The random-init encoder as is, and (BatchNorm backbones) with BN statistics of the
             # train images: what a trained encoder's weights add beyond its BN statistics.
@@ -229,15 +229,6 @@ def _maybe_list(uri: str) -> list[str]:
         return sh.list_shards(uri)
     except Exception:  # noqa: BLE001 - a missing split just contributes nothing
         return []
-
-
-def _arch_label(settings: dict) -> str:
-    """The random-init floor's label: one floor per distinct backbone (ViT dims included)."""
-    b = settings.get("backbone", {})
-    parts = [b.get("name", "?"), b.get("stem", "") if not str(b.get("name", "")).startswith("vit") else "", settings.get("image_size", "")]
-    if str(b.get("name", "")).startswith("vit"):
-        parts += [f"p{b.get('patch_size')}", f"d{b.get('embed_dim')}x{b.get('depth')}"] if b.get("embed_dim") else [f"p{b.get('patch_size')}"]
-    return "-".join(str(x) for x in parts if x not in ("", None, "pNone"))
 
 
 def run_pipeline(cfg: PipelineConfig, output: Path | None = None, force: bool = False, config_text: str | None = None) -> dict[str, Any]:

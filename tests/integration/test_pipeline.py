@@ -89,7 +89,11 @@ def test_results_table_written_and_floor_present(first_run):
     labels = [r["representation"] for r in data["rows"]]
     assert labels == ["simclr", "random-init[resnet18-small-16]", "random-init-bn[resnet18-small-16]"]
     md = (root / "out1" / "results.md").read_text()
-    assert "| simclr |" in md and "random-init" in md
+    assert "| simclr |" in md and "random-init" in md and "val_knn_top1_vs_floor" in md
+    # SimCLR's margin is over the stronger of its backbone's two floors; the floors have none.
+    simclr, *floors = data["rows"]
+    assert simclr["val_knn_top1_vs_floor"] == pytest.approx(simclr["val_knn_top1"] - max(f["val_knn_top1"] for f in floors))
+    assert [f["val_knn_top1_vs_floor"] for f in floors] == [None, None]
     # The second floor: the same random-init weights with the train images' BN statistics embed differently.
     dag = build_dag(cfg)[0]
     bare, bn = (np.load(step_dir(cfg.storage_path(), dag.steps[f"embed[{label}[resnet18-small-16]]"]) / "embeddings-val.npz")["feats"]

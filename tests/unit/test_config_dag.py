@@ -11,6 +11,7 @@ from components.errors import ReprflowError
 from pipelines.cli import main
 from pipelines.config import load_config, parse_config
 from pipelines.dag import DAG, Runner, Step, StepResult
+from pipelines.report import comparison_table, floor_margins
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -167,3 +168,37 @@ def test_unreadable_cached_result_reruns_the_step(tmp_path):
     marker.write_text('{"outputs": {"fi')
     Runner(dag, tmp_path, None).run_all()
     assert calls == ["a", "a", "a"]
+
+
+def test_comparison_table_gives_each_method_its_margin_over_its_own_backbones_stronger_floor():
+    """distillation.yaml: BYOL and MoCo v3 share a ResNet-18 (two floors: bare and with BN
+    statistics), DINO has a ViT (one floor); each margin reads the stronger floor of its backbone."""
+    from types import SimpleNamespace
+
+    from pipelines.report import to_markdown
+    from pipelines.run import build_dag
+
+    cfg = load_config("pipelines/distillation.yaml")
+    dag, table_steps = build_dag(cfg)
+    val = {"byol": 60.5, "mocov3": 83.5, "dino": 22.0, "random-init[resnet18-small-16]": 50.0,
+           "random-init-bn[resnet18-small-16]": 61.2, "random-init[vit_tiny-16-p4-d128x4]": 26.2}
+    results = {}
+    for name in table_steps:
+        label = name[len("evaluate["):-1]
+        results[name] = StepResult(outputs={"label": label, "metrics": {"val_knn_top1": val[label], "test_knn_top1": 1.0}})
+    table = comparison_table(cfg, dag, results, SimpleNamespace(child_ids={}), table_steps)
+    margin = {r["representation"]: r["val_knn_top1_vs_floor"] for r in table["rows"]}
+    assert margin["byol"] == pytest.approx(60.5 - 61.2) and margin["mocov3"] == pytest.approx(83.5 - 61.2)
+    assert margin["dino"] == pytest.approx(22.0 - 26.2)
+    assert all(margin[k] is None for k in val if k.startswith("random-init"))
+    md = to_markdown(table)
+    assert "val_knn_top1_vs_floor" in md and "| mocov3 | 83.5 | 1.0 | - | - | +22.3 |" in md and "| dino | 22.0 | 1.0 | - | - | -4.2 |" in md
+
+
+def test_floor_margins_without_floors_or_values_are_none():
+    rows = [{"representation": "a", "val_knn_top1": 70.0}, {"representation": "b", "val_knn_top1": None},
+            {"representation": "random-init[x]", "val_knn_top1": 50.0}]
+    floor_margins(rows, {"a": "y", "b": "x"})  # a's backbone has no floor row; b has no value
+    assert [r["val_knn_top1_vs_floor"] for r in rows] == [None, None, None]
+    floor_margins(rows, {"a": "x"})
+    assert rows[0]["val_knn_top1_vs_floor"] == pytest.approx(20.0)
