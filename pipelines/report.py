@@ -24,29 +24,35 @@ def arch_label(settings: dict) -> str:
     return "-".join(str(x) for x in parts if x not in ("", None, "pNone"))
 
 
-FLOOR_PREFIXES = ("random-init", "random-init-bn")
+MARGIN = "val_knn_top1_vs_floor"  # the column floor_margins adds (val kNN minus the stronger floor)
 
 
-def floor_margins(rows: list[dict[str, Any]], arch_of: dict[str, str], metric: str = "val_knn_top1") -> None:
-    """Set ``<metric>_vs_floor`` on every trained row: its ``metric`` minus the *stronger* of its
+def floor_label(arch: str, bn_stats: bool = False) -> str:
+    """A floor row's representation: ``random-init[arch]``, or ``random-init-bn[arch]`` with the
+    train images' BN statistics."""
+    return f"random-init{'-bn' if bn_stats else ''}[{arch}]"
+
+
+def floor_margins(rows: list[dict[str, Any]], arch_of: dict[str, str]) -> None:
+    """Set :data:`MARGIN` on every trained row: its val kNN minus the *stronger* of its
     backbone's random-init floors (bare, and with the train images' BN statistics), in points.
 
     ``arch_of`` maps a row's representation to its backbone label (:func:`arch_label`); rows
     without one, or whose floors are not in ``rows``, get None. This is the number the issues'
     "beats the random-init encoder by N points" reads, printed beside the floors it came from."""
-    value = {r["representation"]: r.get(metric) for r in rows}
+    value = {r["representation"]: r.get("val_knn_top1") for r in rows}
     for row in rows:
         arch = arch_of.get(row["representation"])
-        floors = [value.get(f"{p}[{arch}]") for p in FLOOR_PREFIXES] if arch else []
+        floors = [value.get(floor_label(arch, bn)) for bn in (False, True)] if arch else []
         floors = [f for f in floors if isinstance(f, (int, float))]
-        mine = row.get(metric)
-        row[f"{metric}_vs_floor"] = mine - max(floors) if floors and isinstance(mine, (int, float)) else None
+        mine = row.get("val_knn_top1")
+        row[MARGIN] = mine - max(floors) if floors and isinstance(mine, (int, float)) else None
 
 
 def comparison_table(cfg, dag, results, tracker, table_steps: list[str]) -> dict[str, Any]:
     """``{"pipeline", "selection_metric", "rows": [{representation, metrics..., run ids, registry}]}``.
 
-    Each trained representation's row also carries ``val_knn_top1_vs_floor`` (:func:`floor_margins`)."""
+    Each trained representation's row also carries :data:`MARGIN` (:func:`floor_margins`)."""
     rows, arch_of = [], {}
     for name in table_steps:
         res = results[name]
@@ -85,7 +91,7 @@ def _fmt(v: Any, signed: bool = False) -> str:
 
 def to_markdown(table: dict[str, Any]) -> str:
     """The table as Markdown (also what the CLI prints)."""
-    margin = "val_knn_top1_vs_floor"
+    margin = MARGIN
     cols = ["representation", *COLUMNS, *([margin] if any(r.get(margin) is not None for r in table["rows"]) else []), "registered", "promoted"]
     lines = [
         f"# {table['pipeline']}: comparison (eval dataset '{table['eval_dataset']}', top-1 %, selection on val {table['selection_metric']})",
@@ -116,7 +122,7 @@ def write_report(table: dict[str, Any], output: Path, tracker, parent_run_id: st
     metrics = {}
     for row in table["rows"]:
         key = "".join(c if c.isalnum() or c in "-_." else "_" for c in row["representation"])
-        for c in (*COLUMNS, "val_knn_top1_vs_floor", *VL_COLUMNS):
+        for c in (*COLUMNS, MARGIN, *VL_COLUMNS):
             if isinstance(row.get(c), (int, float)) and not isinstance(row.get(c), bool):
                 metrics[f"{key}.{c}"] = row[c]
     tracker.log_metrics(parent_run_id, metrics)

@@ -25,7 +25,7 @@ from pipelines.brief_step import add_brief_steps
 from pipelines.config import MethodSpec, PipelineConfig, reference_graph, references_of
 from pipelines.dag import DAG, Runner, Step, StepResult
 from pipelines.register_step import register_step, register_tokenizer_step, registered_version_exists
-from pipelines.report import arch_label, comparison_table, write_report
+from pipelines.report import arch_label, comparison_table, floor_label, write_report
 from pipelines.steps import dataset_step, embed_step, evaluate_step, text_tokenizer_step, train_step
 from pipelines.tracking import Tracker, code_version
 
@@ -175,10 +175,10 @@ def build_dag(cfg: PipelineConfig, resolve_model=None) -> tuple[DAG, list[str]]:
         v = dag.add(Step(f"evaluate[{spec.name}]", "evaluate", evaluate_step, {**ev_settings, "label": spec.name, "embed_step": e.name}, [eval_ds, e.name]))
         evaluations.append(v.name)
         arch = arch_label(settings)
-        if f"random-init[{arch}]" not in floors:
+        if floor_label(arch) not in floors:
             # The random-init encoder as is, and (BatchNorm backbones) with BN statistics of the
             # train images: what a trained encoder's weights add beyond its BN statistics.
-            for label, bn in ((f"random-init[{arch}]", False), (f"random-init-bn[{arch}]", True)):
+            for label, bn in ((floor_label(arch), False), (floor_label(arch, True), True)):
                 if bn and getattr(getattr(method_cfg, "backbone", None), "is_vit", False):
                     continue  # LayerNorm only: the same floor
                 fe = dag.add(Step(f"embed[{label}]", "embed", embed_step, {"label": label, "method": spec.name, "settings": settings, "seed": cfg.seed, "train_step": None,
